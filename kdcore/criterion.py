@@ -1,0 +1,41 @@
+"""The criterion contract: a distance between two distributions, row by row."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+
+class Criterion:
+    """Base class of distance criteria.
+
+    Contract (DESIGN.md): ``per_token(student_logits[N, V_s], teacher_logits[N, V_t]) -> [N]``
+    float32 divergences with the teacher as the reference distribution. Temperature and other
+    knobs are constructor arguments. A criterion never masks, sums or averages: the engine does.
+    ``same_vocab`` says whether ``V_s`` must equal ``V_t``.
+    """
+
+    name: ClassVar[str]
+    same_vocab: ClassVar[bool] = True
+
+    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        knobs = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({knobs})"
+
+
+def tempered_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` in float32 whatever the input dtype. ``-inf`` columns stay ``-inf``."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def xlogy_sum(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """``Σ_v p·log_ratio`` over the last dim, with 0·(anything) = 0.
+
+    Columns where ``p == 0`` (masked or padded vocabulary, ``-inf`` logits) would otherwise give
+    ``0 · (-inf - -inf) = NaN``; ``torch.where`` also keeps their gradient at exactly zero.
+    """
+    return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)

@@ -1,0 +1,158 @@
+"""Tokenization, collation and the deterministic batch order.
+
+Sequence construction (reference/dskd.md §2.3), independently for each tokenizer:
+``prompt_ids = encode(prompt)[:max_prompt_length]``, ``response_ids = encode(response) + [eos]``,
+``seq = (prompt_ids + response_ids)[:max_length]``, ``input_ids = seq[:-1]``,
+``labels = seq[1:]`` with ``labels[:len(prompt_ids) - 1] = -100``. No BOS is added. Batches are
+right-padded with the pad id (eos when the tokenizer has none) to the longest sequence of the
+micro-batch, not to a fixed length.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .task import Example
+
+IGNORE = -100
+
+
+def pad_id(tokenizer) -> int:
+    """The id used for right padding: the tokenizer's pad token, else its eos."""
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token")
+    return pid
+
+
+def encode_example(tokenizer, example: Example, max_length: int, max_prompt_length: int) -> Dict[str, List[int]]:
+    """``input_ids``/``labels`` lists for one example (see the module docstring)."""
+    prompt = tokenizer.encode(example.prompt, add_special_tokens=False)[:max_prompt_length]
+    response = tokenizer.encode(example.response, add_special_tokens=False) + [tokenizer.eos_token_id]
+    seq = (prompt + response)[:max_length]
+    labels = list(seq[1:])
+    n_prompt_labels = min(len(prompt) - 1, len(labels))
+    labels[:n_prompt_labels] = [IGNORE] * n_prompt_labels
+    return {"input_ids": seq[:-1], "labels": labels}
+
+
+def collate_side(encoded: Sequence[Dict[str, List[int]]], pad: int) -> Dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples: input_ids, attention_mask, labels, all [B, L]."""
+    length = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), length), pad, dtype=torch.long)
+    att = torch.zeros((len(encoded), length), dtype=torch.long)
+    lab = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        att[i, :n] = 1
+        lab[i, :n] = torch.tensor(e["labels"])
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Examples encoded with the student tokenizer and, if different, the teacher tokenizer.
+
+    Encoding happens in ``__getitem__`` so that it runs in data-loader workers.
+    """
+
+    def __init__(self, examples: Sequence[Example], student_tokenizer, teacher_tokenizer=None,
+                 max_length: int = 512, max_prompt_length: int = 256):
+        self.examples = list(examples)
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int):
+        ex = self.examples[i]
+        item = {"student": encode_example(self.student_tokenizer, ex, self.max_length, self.max_prompt_length)}
+        if self.teacher_tokenizer is not None:
+            item["teacher"] = encode_example(self.teacher_tokenizer, ex, self.max_length, self.max_prompt_length)
+        return item
+
+
+@dataclass
+class Collator:
+    """Batches :class:`PairDataset` items into ``{"student": {...}, "teacher": {...}}``.
+
+    When the teacher shares the student's tokenizer the teacher entry is the same tensors.
+    """
+
+    student_pad: int
+    teacher_pad: Optional[int] = None
+
+    def __call__(self, items):
+        batch = {"student": collate_side([it["student"] for it in items], self.student_pad)}
+        if "teacher" in items[0]:
+            batch["teacher"] = collate_side([it["teacher"] for it in items], self.teacher_pad)
+        else:
+            batch["teacher"] = batch["student"]
+        return batch
+
+
+class GlobalBatchPlan(torch.utils.data.Sampler):
+    """Deterministic order of micro-batches for one rank.
+
+    Each epoch shuffles all indices with ``seed + epoch`` and cuts them into global batches of
+    ``micro_batch_size x grad_accum x world_size`` examples (an incomplete last one is dropped).
+    Global batch ``g`` gives rank ``r`` its micro-batches ``j = 0..grad_accum-1`` from slots
+    ``(j * world_size + r)``. The set of examples in a global batch does not depend on how it
+    is split over ranks and accumulation steps, so gradients match across layouts, and the
+    order is a pure function of the step, so resuming at step ``s`` replays exactly.
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, shuffle: bool = True, start_step: int = 0, max_steps: Optional[int] = None):
+        self.n, self.micro, self.accum, self.world, self.rank = num_examples, micro_batch_size, grad_accum, world_size, rank
+        self.seed, self.shuffle, self.start_step, self.max_steps = seed, shuffle, start_step, max_steps
+        self.global_size = micro_batch_size * grad_accum * world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_size
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        order = list(range(self.n))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def micro_batches(self, step: int) -> List[List[int]]:
+        """The ``grad_accum`` micro-batches (example indices) of this rank at global ``step``."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        chunk = order[within * self.global_size:(within + 1) * self.global_size]
+        out = []
+        for j in range(self.accum):
+            slot = j * self.world + self.rank
+            out.append(chunk[slot * self.micro:(slot + 1) * self.micro])
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.start_step
+        while self.max_steps is None or step < self.max_steps:
+            yield from self.micro_batches(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.max_steps is None:
+            return 0
+        return max(self.max_steps - self.start_step, 0) * self.accum
+
+
+def eval_batches(num_examples: int, batch_size: int, world_size: int = 1, rank: int = 0) -> List[List[int]]:
+    """Contiguous evaluation batches, strided over ranks (every example evaluated once)."""
+    batches = [list(range(i, min(i + batch_size, num_examples))) for i in range(0, num_examples, batch_size)]
+    return batches[rank::world_size]
+
+
+def steps_for(num_examples: int, global_batch: int, epochs: float) -> int:
+    return int(math.floor(num_examples / global_batch * epochs))

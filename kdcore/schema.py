@@ -1,0 +1,199 @@
+"""Constructor signatures as config schemas.
+
+A component's ``__init__`` signature *is* its schema: every keyword parameter is a config
+field, its annotation the accepted type and its default the default value. Parameters whose
+names are in :data:`CONTEXT_NAMES` are not config fields: the engine fills them from what it
+knows (model sizes, tokenizers, ...). Config sections use dataclasses the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping
+
+from .errors import ConfigError, suggest
+
+# Names the engine passes to any component parameter that asks for them.
+CONTEXT_NAMES = frozenset(
+    {
+        "student_tokenizer",
+        "teacher_tokenizer",
+        "student_hidden_size",
+        "teacher_hidden_size",
+        "student_vocab_size",
+        "teacher_vocab_size",
+        "student_model_config",
+        "teacher_model_config",
+        "criterion",
+        "seed",
+        "cache_dir",
+    }
+)
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    annotation: Any
+    default: Any = _MISSING
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+def fields_of(obj) -> Dict[str, Field]:
+    """Fields of a dataclass, or keyword parameters of a class's ``__init__``."""
+    if dataclasses.is_dataclass(obj):
+        hints = typing.get_type_hints(obj)
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            else:
+                default = _MISSING
+            out[f.name] = Field(f.name, hints.get(f.name, Any), default)
+        return out
+    init = obj.__init__
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # unresolvable annotations: accept any value
+        hints = {}
+    out = {}
+    for p in list(inspect.signature(init).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = _MISSING if p.default is inspect.Parameter.empty else p.default
+        out[p.name] = Field(p.name, hints.get(p.name, Any), default)
+    return out
+
+
+def type_name(annotation) -> str:
+    if annotation is type(None):
+        return "null"
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        return " or ".join(type_name(a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return f"list of {type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def check_value(value, annotation, where: str):
+    """Return ``value`` converted to ``annotation`` (int -> float, str -> Path) or raise.
+
+    Strict on purpose: YAML ``"1e-3"`` (a string) is not a float and ``1`` is not a bool.
+    """
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return value
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:
+        for arg in args:
+            try:
+                return check_value(value, arg, where)
+            except ConfigError:
+                continue
+        _fail(value, annotation, where)
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected {type_name(annotation)}.{suggest(value, [str(a) for a in args])}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            _fail(value, annotation, where)
+        item = args[0] if args else Any
+        return [check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            _fail(value, annotation, where)
+        return dict(value)
+    if annotation is type(None):
+        if value is None:
+            return None
+        _fail(value, annotation, where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(value, annotation, where)
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(value, annotation, where)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(value, annotation, where)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        _fail(value, annotation, where)
+    if annotation is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        _fail(value, annotation, where)
+    if annotation in (list, dict):
+        if isinstance(value, annotation):
+            return value
+        _fail(value, annotation, where)
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        _fail(value, annotation, where)
+    return value
+
+
+def _fail(value, annotation, where):
+    shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+    raise ConfigError(f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown}")
+
+
+def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context: Mapping | None = None,
+                  what: str = "") -> Dict[str, Any]:
+    """Validate ``values`` against ``fields``; fill defaults and context. Returns kwargs.
+
+    Context parameters missing from ``context`` are left out (the caller cannot construct
+    the component yet, but every config value has been checked).
+    """
+    context = context or {}
+    config_fields = [n for n in fields if n not in CONTEXT_NAMES]
+    accepted = ", ".join(config_fields) or "none"
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{(' for ' + what) if what else ''}.{suggest(key, config_fields)} "
+                f"Accepted keys: {accepted}"
+            )
+        if key in CONTEXT_NAMES:
+            raise ConfigError(f"{where}.{key}: set by the engine from the models, not by the config")
+        out[key] = check_value(value, fields[key].annotation, f"{where}.{key}")
+    for name, field in fields.items():
+        if name in out:
+            continue
+        if name in CONTEXT_NAMES:
+            if name in context:
+                out[name] = context[name]
+            elif not field.required:
+                out[name] = field.default
+            continue
+        if field.required:
+            raise ConfigError(f"{where}: missing required key '{name}'{(' for ' + what) if what else ''}. Accepted keys: {accepted}")
+        out[name] = field.default
+    return out
+
+
+def missing_context(fields: Dict[str, Field], kwargs: Mapping) -> list:
+    """Context parameters a constructor needs that ``kwargs`` does not have yet."""
+    return [n for n, f in fields.items() if n in CONTEXT_NAMES and f.required and n not in kwargs]

@@ -1,0 +1,1 @@
+"""Built-in token aligners, one module each."""

@@ -1,0 +1,1 @@
+"""Built-in distance criteria, one module each."""

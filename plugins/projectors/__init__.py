@@ -1,0 +1,1 @@
+"""Built-in space projectors, one module each."""

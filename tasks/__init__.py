@@ -1,0 +1,1 @@
+"""kdcore's built-in tasks (import name ``kdcore_tasks``)."""

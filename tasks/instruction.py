@@ -1,0 +1,146 @@
+"""Task ``instruction``: instruction following in the Dolly / MiniLLM format.
+
+Each JSONL line holds ``instruction``, ``input`` (may be empty) and ``output`` (a string, or a
+list of references as in S-NI/UnNI); raw Dolly's ``context``/``response`` names are accepted
+too, and a ready ``prompt`` field is used as is (MiniLLM's processed files). The prompt is the
+Alpaca template of reference/dskd.md §2.2. Local files are read directly so that a malformed
+line is reported with its file and line number; ``dataset:`` loads a hub dataset through
+``datasets`` when online.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from kdcore import Task, hookimpl
+from kdcore.errors import ConfigError, DataError
+from kdcore.task import Example
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def format_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca-style prompt used by DSKD and MiniLLM."""
+    if input_text and input_text.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def record_to_example(record: Dict, where: str) -> Example:
+    """One JSON record -> :class:`Example`; raises :class:`DataError` naming ``where``."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    output = record.get("output", record.get("response"))
+    if isinstance(output, str):
+        references = [output]
+    elif isinstance(output, list) and output and all(isinstance(o, str) for o in output):
+        references = list(output)
+    else:
+        raise DataError(f"{where}: needs an 'output' (or 'response') string or non-empty list of strings")
+    if isinstance(record.get("prompt"), str):
+        prompt = record["prompt"].replace("<n>", "\n")
+    elif isinstance(record.get("instruction"), str):
+        context = record.get("input", record.get("context", "")) or ""
+        if not isinstance(context, str):
+            raise DataError(f"{where}: 'input' must be a string")
+        prompt = format_prompt(record["instruction"], context)
+    else:
+        raise DataError(f"{where}: needs an 'instruction' (or a formatted 'prompt') string")
+    return Example(prompt=prompt, response=references[0], references=references)
+
+
+def read_jsonl(path: Path, limit: Optional[int] = None) -> List[Example]:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    examples = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            examples.append(record_to_example(record, f"{path}:{lineno}"))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+class InstructionTask(Task):
+    """Instruction following. Give ``data_dir`` (holding ``train.jsonl``, ``valid.jsonl``,
+    ``test.jsonl``), explicit ``files`` per split, or a hub ``dataset`` name (online only)."""
+
+    name = "instruction"
+
+    def __init__(self, data_dir: Optional[str] = None, files: Optional[Dict[str, str]] = None,
+                 dataset: Optional[str] = None, dataset_splits: Optional[Dict[str, str]] = None,
+                 max_length: int = 512, max_prompt_length: int = 256, max_examples: Optional[int] = None):
+        if sum(x is not None for x in (data_dir, files, dataset)) != 1:
+            raise ConfigError("task 'instruction': give exactly one of data_dir, files or dataset")
+        if max_prompt_length >= max_length:
+            raise ConfigError("task 'instruction': max_prompt_length must be smaller than max_length")
+        self.data_dir, self.files, self.dataset = data_dir, files, dataset
+        self.dataset_splits = dataset_splits or {}
+        self.max_length, self.max_prompt_length, self.max_examples = max_length, max_prompt_length, max_examples
+        self._cache: Dict[str, List[Example]] = {}
+
+    def _path(self, split: str) -> Path:
+        if self.files is not None:
+            if split not in self.files:
+                raise DataError(f"task 'instruction': no file for split '{split}' (files has {sorted(self.files)})")
+            return Path(self.files[split])
+        return Path(self.data_dir) / f"{split}.jsonl"
+
+    def splits(self):
+        if self.files is not None:
+            return tuple(self.files)
+        return ("train", "valid", "test")
+
+    def check(self) -> None:
+        if self.dataset is None:
+            for split in self.splits():
+                if split == "test" and self.files is None and not self._path(split).exists():
+                    continue  # a test split is optional in a data_dir
+                if not self._path(split).is_file():
+                    raise DataError(f"data file not found: {self._path(split)}")
+
+    def examples(self, split: str) -> List[Example]:
+        if split not in self._cache:
+            if self.dataset is not None:
+                self._cache[split] = self._from_hub(split)
+            else:
+                self._cache[split] = read_jsonl(self._path(split), self.max_examples)
+        return self._cache[split]
+
+    def _from_hub(self, split: str) -> List[Example]:
+        import datasets
+
+        hub_split = self.dataset_splits.get(split, split)
+        try:
+            ds = datasets.load_dataset(self.dataset, split=hub_split)
+        except Exception as exc:
+            raise DataError(f"cannot load dataset '{self.dataset}' split '{hub_split}': {str(exc).splitlines()[0]}") from None
+        out = []
+        for i, record in enumerate(ds):
+            out.append(record_to_example(dict(record), f"{self.dataset}[{hub_split}][{i}]"))
+            if self.max_examples is not None and len(out) >= self.max_examples:
+                break
+        return out
+
+
+@hookimpl
+def kdcore_register_tasks(register):
+    register(InstructionTask)
