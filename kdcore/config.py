@@ -9,6 +9,7 @@ shared by ``kd-train`` and ``tools/grid.py``.
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,28 @@ from .components import ComponentSpec, spec
 from .errors import ConfigError, suggest
 from .models import ModelConfig
 from .registry import load_plugins
-from .schema import check_mapping, fields_of
+from .schema import check_section
 
 SCHEMA_VERSION = 1
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
 
 
 @dataclass
@@ -117,7 +137,7 @@ def read_yaml(path) -> Dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -131,7 +151,7 @@ def parse_override(text: str):
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected key.sub=value")
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = load_yaml(value) if value != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from None
     return key.split("."), parsed
@@ -185,7 +205,7 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         node = raw.get(name) or {}
         if not isinstance(node, dict):
             raise ConfigError(f"{name}: expected a mapping, got {type(node).__name__}")
-        sections[name] = cls(**check_mapping(fields_of(cls), node, name))
+        sections[name] = check_section(cls, node, name)
 
     models = {}
     for name in MODEL_SECTIONS:
@@ -197,7 +217,7 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
             node = {"path": node}
         if not isinstance(node, dict):
             raise ConfigError(f"{name}: expected a mapping with 'path' (or a path string)")
-        models[name] = ModelConfig(**check_mapping(fields_of(ModelConfig), node, name))
+        models[name] = check_section(ModelConfig, node, name)
     if models["student"] is None:
         raise ConfigError("student: missing section (a model path is required)")
     if sections["objective"].kd_weight > 0 and models["teacher"] is None:

@@ -31,6 +31,10 @@ class ModelError(KdcoreError):
     """A model or tokenizer cannot be loaded, or two models are incompatible."""
 
 
+class ModelUnavailable(ModelError):
+    """A hub model that is neither local nor cached (e.g. offline): nothing can be inspected."""
+
+
 class CheckpointError(KdcoreError):
     """A checkpoint is missing, incomplete or corrupt."""
 

@@ -20,7 +20,7 @@ from typing import List, Literal, Optional
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,11 @@ def _source(cfg: ModelConfig, build_cache: bool):
 
 
 def _wrap_load_error(what: str, cfg: ModelConfig, exc: Exception) -> ModelError:
-    hint = ""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not os.path.isdir(resolve_path(cfg.path)):
-        hint = " (HF_HUB_OFFLINE=1 and it is not in the local cache)"
-    return ModelError(f"cannot load {what} '{cfg.path}'{hint}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not cfg.gguf_file and not os.path.exists(resolve_path(cfg.path)) and isinstance(exc, OSError):
+        offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        return ModelUnavailable(f"cannot load {what} '{cfg.path}': not a local directory and not in the hub cache{offline}")
+    return ModelError(f"cannot load {what} '{cfg.path}': {first}")
 
 
 def load_tokenizer(cfg: ModelConfig, build_cache: bool = True):

@@ -74,13 +74,25 @@ class Registry:
 
     # -- discovery ---------------------------------------------------------------------
     def _load_entry_points(self) -> None:
-        try:
-            self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except ImportError as exc:  # a broken third-party package must say which one
-            raise PluginError(f"could not import a '{ENTRY_POINT_GROUP}' entry point: {exc}") from exc
-        for plugin, dist in self.pm.list_plugin_distinfo():
-            name = self.pm.get_name(plugin)
-            self._providers[name] = (dist.project_name, dist.version)
+        from importlib.metadata import distributions
+
+        seen = set()
+        for dist in distributions():
+            for ep in dist.entry_points:
+                if ep.group != ENTRY_POINT_GROUP or (dist.name, ep.name) in seen:
+                    continue
+                seen.add((dist.name, ep.name))  # a distribution can be listed twice on sys.path
+                if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
+                    continue
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # a broken package must say which one it is
+                    raise PluginError(f"entry point '{ep.name} = {ep.value}' of {dist.name} {dist.version} "
+                                      f"cannot be imported: {exc}") from exc
+                if self.pm.is_registered(plugin):  # two entry points naming one module
+                    continue
+                self.pm.register(plugin, name=ep.name)
+                self._providers[ep.name] = (dist.name, dist.version)
         self._check()
         self._tables = None
 

@@ -160,14 +160,14 @@ def _fail(value, annotation, where):
 
 
 def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context: Mapping | None = None,
-                  what: str = "") -> Dict[str, Any]:
+                  what: str = "", context_names=CONTEXT_NAMES) -> Dict[str, Any]:
     """Validate ``values`` against ``fields``; fill defaults and context. Returns kwargs.
 
     Context parameters missing from ``context`` are left out (the caller cannot construct
     the component yet, but every config value has been checked).
     """
     context = context or {}
-    config_fields = [n for n in fields if n not in CONTEXT_NAMES]
+    config_fields = [n for n in fields if n not in context_names]
     accepted = ", ".join(config_fields) or "none"
     out: Dict[str, Any] = {}
     for key, value in values.items():
@@ -176,13 +176,13 @@ def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context
                 f"{where}: unknown key '{key}'{(' for ' + what) if what else ''}.{suggest(key, config_fields)} "
                 f"Accepted keys: {accepted}"
             )
-        if key in CONTEXT_NAMES:
+        if key in context_names:
             raise ConfigError(f"{where}.{key}: set by the engine from the models, not by the config")
         out[key] = check_value(value, fields[key].annotation, f"{where}.{key}")
     for name, field in fields.items():
         if name in out:
             continue
-        if name in CONTEXT_NAMES:
+        if name in context_names:
             if name in context:
                 out[name] = context[name]
             elif not field.required:
@@ -192,6 +192,11 @@ def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context
             raise ConfigError(f"{where}: missing required key '{name}'{(' for ' + what) if what else ''}. Accepted keys: {accepted}")
         out[name] = field.default
     return out
+
+
+def check_section(cls, values: Mapping, where: str):
+    """Validate a config section (a dataclass) and return the instance."""
+    return cls(**check_mapping(fields_of(cls), values, where, context_names=frozenset()))
 
 
 def missing_context(fields: Dict[str, Field], kwargs: Mapping) -> list:

@@ -1,0 +1,134 @@
+"""Config -> live components: tokenizers, models, and plugins built with engine context.
+
+``--validate`` runs the same path with ``load_weights=False``: tokenizers and model configs
+are read (no weights), every component is built, and every compatibility rule is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .config import Config
+from .errors import ConfigError, ModelError, ModelUnavailable
+from .models import freeze, load_model, load_model_config, load_tokenizer, same_tokenizer
+from .registry import get_registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    task: Any
+    criterion: Any
+    projector: Any
+    aligner: Any
+    student_tokenizer: Any
+    teacher_tokenizer: Any = None
+    student_model: Any = None
+    teacher_model: Any = None
+    shared_tokenizer: bool = True
+    notes: List[str] = field(default_factory=list)
+
+
+def _dims(hf_config) -> Dict[str, int]:
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return {"hidden_size": int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)),
+            "vocab_size": int(getattr(text, "vocab_size", 0))}
+
+
+def build_components(cfg: Config, load_weights: bool = True) -> Components:
+    """Everything the trainer needs. Raises :class:`KdcoreError` subclasses on bad input."""
+    task = cfg.task.build()
+    task.check()
+    notes: List[str] = []
+    student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
+    teacher_tok = None
+    context: Dict[str, Any] = {"student_tokenizer": student_tok, "seed": cfg.run.seed}
+    student_model = teacher_model = None
+    if load_weights:
+        student_model = load_model(cfg.student)
+        s_dims = {"hidden_size": student_model.get_output_embeddings().weight.shape[1],
+                  "vocab_size": student_model.get_output_embeddings().weight.shape[0]}
+        context["student_model_config"] = student_model.config
+    else:
+        s_hf = load_model_config(cfg.student)
+        s_dims = _dims(s_hf)
+        context["student_model_config"] = s_hf
+    context.update(student_hidden_size=s_dims["hidden_size"], student_vocab_size=s_dims["vocab_size"])
+
+    shared = True
+    if cfg.uses_teacher:
+        teacher_tok = load_tokenizer(cfg.teacher, build_cache=load_weights)
+        shared = same_tokenizer(student_tok, teacher_tok)
+        if load_weights:
+            teacher_model = load_model(cfg.teacher)
+            freeze(teacher_model)
+            t_dims = {"hidden_size": teacher_model.get_output_embeddings().weight.shape[1],
+                      "vocab_size": teacher_model.get_output_embeddings().weight.shape[0]}
+            context["teacher_model_config"] = teacher_model.config
+        else:
+            t_hf = load_model_config(cfg.teacher)
+            t_dims = _dims(t_hf)
+            context["teacher_model_config"] = t_hf
+        context.update(teacher_tokenizer=teacher_tok, teacher_hidden_size=t_dims["hidden_size"],
+                       teacher_vocab_size=t_dims["vocab_size"])
+
+    criterion = cfg.criterion.build(**context)
+    context["criterion"] = criterion
+    projector = cfg.projector.build(**context)
+    aligner = cfg.aligner.build(**context)
+    if cfg.uses_teacher:
+        check_pair(cfg, criterion, projector, aligner, student_tok, teacher_tok, shared,
+                   context["student_vocab_size"], context["teacher_vocab_size"])
+    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model, shared, notes)
+
+
+def check_pair(cfg: Config, criterion, projector, aligner, student_tok, teacher_tok, shared: bool,
+               v_s: int, v_t: int) -> None:
+    """Refuse incompatible choices with a message that names what to use instead."""
+    problem = aligner.check_compatible(student_tok, teacher_tok)
+    if problem:
+        raise ConfigError(f"aligner: {problem}")
+    problem = projector.check_compatible(v_s, v_t, shared)
+    if problem:
+        raise ConfigError(f"projector: {problem}")
+    if shared and v_s != v_t:
+        covered = len(student_tok)
+        if covered > min(v_s, v_t):
+            raise ModelError(f"student head has {v_s} columns and teacher head {v_t}, but the shared tokenizer has "
+                             f"{covered} tokens; the models disagree beyond vocabulary padding")
+
+
+def validate_models(cfg: Config) -> List[str]:
+    """``--validate``: build everything except weights. Returns human-readable notes.
+
+    A model that is neither local nor in the HF cache while offline cannot be inspected; its
+    checks are reported as skipped instead of failing, so shipped configs naming hub models
+    validate on an offline machine.
+    """
+    notes: List[str] = []
+    try:
+        parts = build_components(cfg, load_weights=False)
+    except ModelUnavailable as exc:
+        notes.append(f"skipped model checks: {exc}")
+        cfg.task.build().check()
+        return notes
+    notes.append(f"student tokenizer: {type(parts.student_tokenizer).__name__} ({len(parts.student_tokenizer)} tokens)")
+    if parts.teacher_tokenizer is not None:
+        notes.append(f"teacher tokenizer: {type(parts.teacher_tokenizer).__name__} ({len(parts.teacher_tokenizer)} tokens); "
+                     f"{'same' if parts.shared_tokenizer else 'different'} tokenizer")
+    return notes
+
+
+def plugin_manifest(cfg: Config) -> Dict[str, Any]:
+    """Which plugins were available and which this run used, with their providers."""
+    reg = get_registry()
+    used = {c.kind: c.name for c in (cfg.task, cfg.criterion, cfg.projector, cfg.aligner)}
+    return {
+        "used": {kind: {"name": name, "provider": reg.get(kind, name).provider, "version": reg.get(kind, name).version,
+                        "module": reg.get(kind, name).module} for kind, name in used.items()},
+        "available": [{"kind": e.kind, "name": e.name, "provider": e.provider, "version": e.version, "module": e.module}
+                      for kind in reg.kinds() for e in reg.entries(kind)],
+    }

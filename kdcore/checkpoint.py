@@ -1,0 +1,110 @@
+"""Resumable checkpoints, written atomically.
+
+``checkpoints/step_000040/`` holds ``model.pt`` (student + projector + aligner state),
+``optimizer.pt``, ``scheduler.pt``, ``rng_rank{r}.pt`` and ``state.json`` (step, metrics).
+Everything is written into a hidden temporary directory that is renamed into place as the last
+act, so a crash never leaves a directory that :func:`latest` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STATE_FILE = "state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    """Complete checkpoints (those with ``state.json``), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest(root: Path) -> Optional[Path]:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
+def rng_state() -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(root: Path, step: int, module, optimizer, scheduler, state: Dict, rank: int, world_size: int, barrier) -> Path:
+    """Write checkpoint ``step``. Rank 0 writes model/optimizer/scheduler/state, every rank its RNG.
+
+    ``barrier`` synchronises ranks between writing into the temporary directory and the rename.
+    """
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save(module.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def load(path: Path, module, optimizer, scheduler, rank: int, map_location) -> Dict:
+    """Restore a checkpoint into the given objects; returns its ``state.json`` dict."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        module.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {exc.filename} is missing") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, json.JSONDecodeError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or does not match this config: {first}") from None
+    return state
+
+
+def prune(root: Path, keep_last: int, protect: Optional[int] = None) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, never the step ``protect`` (the best)."""
+    ckpts = list_checkpoints(root)
+    for path in ckpts[:-keep_last] if keep_last > 0 else ckpts:
+        if protect is not None and path == step_dir(root, protect):
+            continue
+        shutil.rmtree(path, ignore_errors=True)

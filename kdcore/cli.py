@@ -1,0 +1,102 @@
+"""``kd-train``: train from a YAML config, validate it, print it, or list plugins.
+
+    kd-train --config FILE [key.sub=value ...] [--validate | --print-config]
+    kd-train --list-plugins
+    torchrun --nproc_per_node N -m kdcore.cli --config FILE ...
+
+Errors caused by input (config, data, model paths, incompatible components, checkpoints) are
+printed as one message and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from .errors import KdcoreError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kd-train", description="Distil a causal LM as one YAML config describes.")
+    p.add_argument("--config", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, values parsed as YAML")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--validate", action="store_true", help="check the config, data and models without loading weights")
+    mode.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    mode.add_argument("--list-plugins", action="store_true", help="list registered plugins with their providers")
+    return p
+
+
+def list_plugins() -> str:
+    from .registry import get_registry
+
+    reg = get_registry()
+    rows = [("KIND", "NAME", "PROVIDER", "VERSION", "MODULE")]
+    for kind in reg.kinds():
+        for e in reg.entries(kind):
+            rows.append((kind, e.name, e.provider, e.version or "-", e.module))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def run(args) -> int:
+    from .config import dump, load_config
+
+    if args.list_plugins:
+        print(list_plugins())
+        return 0
+    if not args.config:
+        raise KdcoreError("--config FILE is required (or use --list-plugins)")
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump(cfg.resolved), end="")
+        return 0
+    if args.validate:
+        from .assemble import validate_models
+
+        for note in validate_models(cfg):
+            print(f"  {note}")
+        print(f"{args.config}: OK")
+        return 0
+
+    from .distributed import init_distributed, shutdown
+    from .trainer import Trainer
+
+    info = init_distributed()
+    try:
+        trainer = Trainer(cfg, info)
+        metrics = trainer.train()
+        if info.is_main:
+            summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("ce", "loss"))
+            print(f"done: {trainer.step} steps; final eval {summary}; student saved to {trainer.out / 'final'}")
+    finally:
+        shutdown()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kdcore").setLevel(logging.INFO)
+    try:  # transformers' per-file progress bars drown the training bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except KdcoreError as exc:
+        print(f"kd-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kd-train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

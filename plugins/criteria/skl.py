@@ -1,0 +1,48 @@
+"""Skew forward KL divergence (DistiLLM's SKL; reference/dskd.md §4).
+
+With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the input dtype)::
+
+    SKL_λ = KL(p_t || λ·p_t + (1 − λ)·p_s) = Σ_v p_t (log p_t − log(λ·p_t + (1 − λ)·p_s))
+
+``skew`` (λ, default 0.1) must lie strictly inside (0, 1) (λ = 0 is plain forward KL: use
+``fkl``). The mixture is evaluated in log space, so the value is exact to float32 rounding and
+exactly 0 for identical inputs. ``−inf`` columns (in both, or only in the teacher) contribute 0
+with finite gradients. No ``T²`` rescaling.
+
+Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kdcore import Criterion, hookimpl
+from kdcore.criterion import tempered_log_probs
+from kdcore.errors import ConfigError
+from kdcore_plugins.criteria.jsd import log_mixture, weighted_log_ratio_sum
+
+
+class SkewForwardKL(Criterion):
+    """``Σ_v p_t (log p_t − log(λ p_t + (1 − λ) p_s))``; see the module docstring."""
+
+    name = "skl"
+    same_vocab = True
+
+    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
+        if not temperature > 0:
+            raise ConfigError(f"criterion 'skl': temperature must be > 0, got {temperature}")
+        if not 0.0 < skew < 1.0:
+            raise ConfigError(f"criterion 'skl': skew must be in (0, 1), got {skew}")
+        self.temperature = temperature
+        self.skew = skew
+
+    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p_s = tempered_log_probs(student_logits, self.temperature)
+        log_p_t = tempered_log_probs(teacher_logits, self.temperature)
+        log_m = log_mixture(log_p_t, log_p_s, self.skew)
+        return weighted_log_ratio_sum(log_p_t, log_m)
+
+
+@hookimpl
+def kdcore_register_criteria(register):
+    register(SkewForwardKL)
