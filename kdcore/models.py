@@ -68,6 +68,11 @@ def resolve_path(path: str) -> str:
     return str(root / sub) if sub else str(root)
 
 
+def looks_local(path: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything absolute, relative-dotted or deeper is a path."""
+    return path.startswith(("/", ".", "~", "package:")) or path.count("/") > 1 or os.path.exists(os.path.expanduser(path))
+
+
 def _gguf_location(cfg: ModelConfig) -> Path:
     base = Path(resolve_path(cfg.path))
     gguf = Path(cfg.gguf_file)
@@ -125,12 +130,15 @@ def _source(cfg: ModelConfig, build_cache: bool):
         full = _gguf_location(cfg)
         return str(full.parent), {"gguf_file": full.name}
     kwargs = {"revision": cfg.revision} if cfg.revision else {}
-    return resolve_path(cfg.path), kwargs
+    path = resolve_path(cfg.path)
+    if looks_local(cfg.path) and not os.path.isdir(path):
+        raise ModelError(f"model directory not found: {path}")
+    return path, kwargs
 
 
 def _wrap_load_error(what: str, cfg: ModelConfig, exc: Exception) -> ModelError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if not cfg.gguf_file and not os.path.exists(resolve_path(cfg.path)) and isinstance(exc, OSError):
+    if not cfg.gguf_file and not looks_local(cfg.path) and isinstance(exc, OSError):
         offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         return ModelUnavailable(f"cannot load {what} '{cfg.path}': not a local directory and not in the hub cache{offline}")
     return ModelError(f"cannot load {what} '{cfg.path}': {first}")

@@ -149,6 +149,12 @@ class Trainer:
         return torch.utils.data.DataLoader(self.train_set, batch_sampler=plan, collate_fn=self.collate,
                                            num_workers=t.num_workers, persistent_workers=False)
 
+    def micro_batches(self, step: int):
+        """This rank's collated micro-batches of global ``step`` (what the loader yields)."""
+        plan = GlobalBatchPlan(len(self.train_set), self.cfg.train.micro_batch_size, self.cfg.train.grad_accum,
+                               self.dist.world_size, self.dist.rank, seed=self.cfg.run.seed)
+        return [self.collate([self.train_set[i] for i in idx]) for idx in plan.micro_batches(step)]
+
     # -- one optimizer step -------------------------------------------------------------
     def accumulate(self, micro_batches) -> Dict[str, float]:
         """Forward/backward over this rank's micro-batches of one global batch.
