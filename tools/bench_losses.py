@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Benchmark the KD loss, forward + backward, naive versus chunked, for each criterion.
+
+Both paths start from hidden states and output heads and end with ``.backward()``:
+
+* **naive** — the full logits of all ``N`` rows, as most KD code does::
+
+      student_logits = h_s @ W_s.T                       # [N, V], in the graph
+      with torch.no_grad(): teacher_logits = h_t @ W_t.T # [N, V]
+      criterion.per_token(student_logits, teacher_logits).sum().backward()
+
+* **chunked** — kdcore's engine path, :func:`kdcore.kdspace.evaluate_space` on
+  ``Space(name="student", student_hidden=h_s, student_head=Head(W_s), teacher_hidden=h_t,
+  teacher_head=Head(W_t, detach=True), criterion=c)`` with ``--chunk-size`` rows per chunk
+  (default 1024), then ``.backward()`` of its ``kd_student`` sum.
+
+``h_s`` requires grad (the gradient flows back into the student); the heads are frozen by
+default so that the numbers are the loss's own memory (``--train-head`` also trains ``W_s``,
+which adds the same ``V x hidden`` gradient to both paths).
+
+Measurements. Every (criterion, V, tokens, path) runs in a fresh subprocess, so that nothing
+one run allocated or cached can hide or inflate the next run's memory:
+
+1. the inputs are allocated and a tiny warm-up step (8 rows) initialises kernels and libraries;
+2. **CPU**: the process's resident set size is read (``/proc/self/statm``) as the baseline, the
+   kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``, Linux ≥ 4.0), one
+   full forward + backward runs, and the peak is ``VmHWM`` (``/proc/self/status``) minus the
+   baseline. glibc's ``MALLOC_MMAP_THRESHOLD_`` is fixed at 1 MiB in the subprocess, so every
+   tensor larger than that is its own ``mmap`` and is returned to the kernel when freed:
+   RSS then tracks live tensor memory instead of malloc's caches, and the peak is exact to a
+   page (plus small allocations). Where ``clear_refs`` is not writable the peak falls back to
+   ``ru_maxrss`` (the lifetime peak), which can only be an over-estimate of the baseline's
+   peak, so the delta may be under-reported for small runs; the script says so.
+   **CUDA**: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+   ``memory_allocated()`` after the inputs (allocator-exact, caching excluded).
+3. the wall time (``perf_counter``, CUDA synchronised) of that run and of ``--repeats − 1``
+   further runs; the table shows the median.
+
+A configuration is skipped, printing ``skipped (est. X GB)``, when its estimated process
+memory (inputs plus a per-criterion multiple of the ``[rows, V]`` float32 size, calibrated on
+this script's own measurements) exceeds ``--max-gb``.
+
+Examples::
+
+    python tools/bench_losses.py --criteria fkl --vocab 151936 --tokens 4096
+    python tools/bench_losses.py --vocab 50257 151936 --tokens 512 4096 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# Peak extra memory per [rows, V] float32 element, in multiples of 4 bytes, of the naive path
+# (calibrated on CPU measurements at V = 50257..151936; rounded up) and of one chunk.
+PEAK_MULTIPLE = {"fkl": 6, "rkl": 7, "jsd": 11, "skl": 10, "srkl": 10, "tvd": 6, "akl": 11, "ce": 5}
+DEFAULT_MULTIPLE = 12
+GiB = 1024 ** 3
+MiB = 1024 ** 2
+
+
+# -- measurement helpers (run inside the worker) ------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(exact: bool) -> int:
+    if exact:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(args) -> dict:
+    import torch
+
+    import kdcore
+    from kdcore.kdspace import Head, Space, evaluate_space
+
+    torch.set_grad_enabled(True)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, v, d, dt = args.tokens, args.vocab, args.hidden, args.teacher_hidden or args.hidden
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    h_s = randn(n, d).requires_grad_(True)
+    h_t = randn(n, dt)
+    w_s = randn(v, d, scale=d ** -0.5 * 3).requires_grad_(args.train_head)
+    w_t = randn(v, dt, scale=dt ** -0.5 * 3)
+    criterion = kdcore.build("criterion", args.criterion)
+
+    def step(rows: int):
+        hs, ht = h_s[:rows], h_t[:rows]
+        if args.mode == "naive":
+            s_logits = hs @ w_s.T
+            with torch.no_grad():
+                t_logits = ht @ w_t.T
+            loss = criterion.per_token(s_logits, t_logits).sum()
+            del s_logits, t_logits
+        else:
+            space = Space(name="student", student_hidden=hs, student_head=Head(w_s), teacher_hidden=ht,
+                          teacher_head=Head(w_t, detach=True), criterion=criterion)
+            losses, _ = evaluate_space(space, chunk_size=args.chunk_size)
+            loss = losses["kd_student"]
+            del losses, space
+        loss.backward()
+        value = float(loss.detach())
+        del loss
+        h_s.grad = None
+        w_s.grad = None
+        return value
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(min(8, n))  # warm-up: kernels, libraries, allocator pools
+    sync()
+    exact = True
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        import gc
+
+        gc.collect()
+        baseline = _rss_bytes()
+        exact = _reset_peak_rss()
+    times = []
+    t0 = time.perf_counter()
+    value = step(n)
+    sync()
+    times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = _peak_rss_bytes(exact) - baseline
+    for _ in range(max(args.repeats, 1) - 1):
+        t0 = time.perf_counter()
+        step(n)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "peak_bytes": peak, "exact": exact, "loss": value,
+            "times_ms": [1000 * t for t in times]}
+
+
+# -- driver ---------------------------------------------------------------------------------
+
+def estimate_bytes(criterion: str, mode: str, v: int, n: int, d: int, dt: int, chunk: int, dtype_bytes: int) -> int:
+    rows = n if mode == "naive" else min(chunk, n)
+    inputs = (v * (d + dt) + n * (d + dt)) * dtype_bytes
+    return inputs + PEAK_MULTIPLE.get(criterion, DEFAULT_MULTIPLE) * rows * v * 4 + 400 * MiB
+
+
+def run_one(args, criterion: str, mode: str, v: int, n: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--criterion", criterion,
+           "--vocab", str(v), "--tokens", str(n), "--hidden", str(args.hidden),
+           "--teacher-hidden", str(args.teacher_hidden or args.hidden), "--device", args.device,
+           "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
+    if args.train_head:
+        cmd.append("--train-head")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), KDCORE_DISABLE_PLUGIN_AUTOLOAD="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"error": f"failed (exit {proc.returncode}: {tail[0][:80]})"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[50257, 151936, 262144])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 4096, 8192])
+    parser.add_argument("--hidden", type=int, default=576, help="student hidden size (default 576)")
+    parser.add_argument("--teacher-hidden", type=int, default=None, help="teacher hidden size (default: --hidden)")
+    parser.add_argument("--criteria", nargs="+", default=None, help="criterion names (default: all registered)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is shown")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the chunked path")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of hidden states and heads (criteria compute in float32)")
+    parser.add_argument("--train-head", action="store_true", help="the student head W_s also requires grad")
+    parser.add_argument("--max-gb", type=float, default=16.0, help="skip configurations estimated above this")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--criterion", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.worker:
+        args.vocab, args.tokens = args.vocab[0], args.tokens[0]
+        print(json.dumps(worker(args)))
+        return 0
+
+    import kdcore
+
+    criteria = args.criteria or kdcore.names("criterion")
+    unknown = [c for c in criteria if c not in kdcore.names("criterion")]
+    if unknown:
+        parser.error(f"unknown criteria {unknown}; registered: {', '.join(kdcore.names('criterion'))}")
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    dt = args.teacher_hidden or args.hidden
+    print(f"device={args.device} hidden={args.hidden} teacher_hidden={dt} dtype={args.dtype} "
+          f"chunk_size={args.chunk_size} repeats={args.repeats} train_head={args.train_head} max_gb={args.max_gb:g}")
+    print()
+    print("| criterion | V | tokens | naive ms | chunked ms | naive peak MiB | chunked peak MiB | ratio (chunked/naive peak) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    inexact = False
+    for criterion in criteria:
+        for v in args.vocab:
+            for n in args.tokens:
+                cells = {}
+                for mode in ("naive", "chunked"):
+                    est = estimate_bytes(criterion, mode, v, n, args.hidden, dt, args.chunk_size, dtype_bytes)
+                    if est > args.max_gb * GiB:
+                        cells[mode] = {"skip": f"skipped (est. {est / GiB:.1f} GB)"}
+                    else:
+                        cells[mode] = run_one(args, criterion, mode, v, n)
+                        inexact |= cells[mode].get("exact") is False
+
+                def ms(c):
+                    return c.get("skip") or c.get("error") or f"{c['ms']:.0f}"
+
+                def mib(c):
+                    return c.get("skip") or c.get("error") or f"{c['peak_bytes'] / MiB:.0f}"
+
+                nv, ch = cells["naive"], cells["chunked"]
+                ratio = f"{ch['peak_bytes'] / nv['peak_bytes']:.3f}" if "peak_bytes" in nv and "peak_bytes" in ch else "–"
+                print(f"| {criterion} | {v} | {n} | {ms(nv)} | {ms(ch)} | {mib(nv)} | {mib(ch)} | {ratio} |", flush=True)
+    if inexact:
+        print("\nnote: /proc/self/clear_refs was not writable; CPU peaks are ru_maxrss deltas (may under-report).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
