@@ -91,7 +91,11 @@ def check_pair(cfg: Config, criterion, projector, aligner, student_tok, teacher_
     problem = aligner.check_compatible(student_tok, teacher_tok)
     if problem:
         raise ConfigError(f"aligner: {problem}")
-    problem = projector.check_compatible(v_s, v_t, shared)
+    allowed = aligner.projectors
+    if allowed is not None and projector.name not in allowed:
+        raise ConfigError(f"projector: aligner '{aligner.name}' works with projector "
+                          f"{' or '.join(repr(p) for p in sorted(allowed))}, not '{projector.name}'")
+    problem = projector.check_compatible(shared_tokenizer=shared, aligner=aligner, criterion=criterion)
     if problem:
         raise ConfigError(f"projector: {problem}")
     if shared and v_s != v_t:

@@ -62,8 +62,9 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, examples: Sequence[Example], student_tokenizer, teacher_tokenizer=None,
-                 max_length: int = 512, max_prompt_length: int = 256):
+                 max_length: int = 512, max_prompt_length: int = 256, pair_features=None):
         self.examples = list(examples)
+        self.pair_features = pair_features  # aligner hook run here, i.e. in data-loader workers
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -76,6 +77,8 @@ class PairDataset(torch.utils.data.Dataset):
         item = {"student": encode_example(self.student_tokenizer, ex, self.max_length, self.max_prompt_length)}
         if self.teacher_tokenizer is not None:
             item["teacher"] = encode_example(self.teacher_tokenizer, ex, self.max_length, self.max_prompt_length)
+        if self.pair_features is not None:
+            item["align"] = self.pair_features(item["student"], item.get("teacher", item["student"]))
         return item
 
 
@@ -95,7 +98,18 @@ class Collator:
             batch["teacher"] = collate_side([it["teacher"] for it in items], self.teacher_pad)
         else:
             batch["teacher"] = batch["student"]
+        if items[0].get("align"):
+            batch["align"] = {key: pad_lists([it["align"][key] for it in items]) for key in items[0]["align"]}
         return batch
+
+
+def pad_lists(rows: Sequence[List[int]], value: int = -1) -> torch.Tensor:
+    """Right-pad integer lists into a ``[B, L]`` long tensor."""
+    length = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
 class GlobalBatchPlan(torch.utils.data.Sampler):

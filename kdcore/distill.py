@@ -49,31 +49,32 @@ class DistillModule(nn.Module):
                          labels=batch_side["labels"], attention_mask=batch_side["attention_mask"],
                          embeddings=model.get_input_embeddings())
 
-    def forward(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
-        """Returns (weighted loss sum with grad, detached term sums, accuracy counts)."""
+    def terms(self, batch) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
+        """Every loss term of a micro-batch as a sum with its graph, plus accuracy counts."""
         s_batch = batch["student"]
         h_s = last_hidden(self.student, s_batch)
         student = self.side(self.student, s_batch, h_s)
-        if self.kd_weight == 0 or self.teacher is None:
-            rows = student.mask
-            ce = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
-            return ce, {CE: ce.detach()}, {}
-
-        with torch.no_grad():
-            h_t = last_hidden(self.teacher, batch["teacher"])
-        teacher = self.side(self.teacher, batch["teacher"], h_t)
-        teacher.head = teacher.head.detached()
-        alignment = self.aligner.align(batch)
         terms: Dict[str, torch.Tensor] = {}
         counts: Dict[str, Tuple[torch.Tensor, int]] = {}
-        for space in self.projector.spaces(student, teacher, alignment, self.criterion):
-            losses, accs = evaluate_space(space, self.chunk_size)
-            for key, value in losses.items():
-                terms[key] = terms[key] + value if key in terms else value
-            counts.update(accs)
+        if self.kd_weight > 0 and self.teacher is not None:
+            with torch.no_grad():
+                h_t = last_hidden(self.teacher, batch["teacher"])
+            teacher = self.side(self.teacher, batch["teacher"], h_t)
+            teacher.head = teacher.head.detached()
+            alignment = self.aligner.align(student, teacher, batch.get("align"))
+            for space in self.projector.spaces(student, teacher, alignment, self.criterion):
+                losses, accs = evaluate_space(space, self.chunk_size)
+                for key, value in losses.items():
+                    terms[key] = terms[key] + value if key in terms else value
+                counts.update(accs)
         if CE not in terms:
             rows = student.mask
             terms[CE] = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
-        kd_total = sum(v for k, v in terms.items() if k != CE)
+        return terms, counts
+
+    def forward(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
+        """Returns (weighted loss sum with grad, detached term sums, accuracy counts)."""
+        terms, counts = self.terms(batch)
+        kd_total = sum((v for k, v in terms.items() if k != CE), torch.zeros((), device=terms[CE].device))
         loss = (1.0 - self.kd_weight) * terms[CE] + self.kd_weight * kd_total
         return loss, {k: v.detach() for k, v in terms.items()}, counts

@@ -118,6 +118,8 @@ class Space:
     mask_kd_by_teacher_accuracy: bool = False
     detach_teacher: bool = True
     kd_columns: Optional[int] = None
+    teacher_logit_map: Optional[object] = None  # (logits[N, V_t], labels[N], row_info[N]) -> [N, V_s]
+    row_info: Optional[torch.Tensor] = None  # [N], passed to teacher_logit_map
 
     @property
     def num_rows(self) -> int:
@@ -127,11 +129,14 @@ class Space:
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _space_chunk(space: Space, hs: torch.Tensor, ht: torch.Tensor, labels: Optional[torch.Tensor]):
+def _space_chunk(space: Space, hs: torch.Tensor, ht: torch.Tensor, labels: Optional[torch.Tensor],
+                 row_info: Optional[torch.Tensor]):
     """Sums over one chunk of rows: (kd, student_ce, teacher_ce, student_correct, teacher_correct)."""
     zero = hs.new_zeros((), dtype=torch.float32)
     s_logits = space.student_head(hs)
     t_logits = space.teacher_head(ht)
+    if space.teacher_logit_map is not None:
+        t_logits = space.teacher_logit_map(t_logits, labels, row_info)
     k = space.kd_columns
     t_ref = t_logits.detach() if space.detach_teacher else t_logits
     per_token = space.criterion.per_token(s_logits[:, :k] if k else s_logits, t_ref[:, :k] if k else t_ref)
@@ -175,12 +180,13 @@ def evaluate_space(space: Space, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[
     """
     if space.teacher_hidden.shape[0] != space.num_rows:
         raise ValueError(f"space {space.name}: {space.num_rows} student rows vs {space.teacher_hidden.shape[0]} teacher rows")
-    needs_labels = space.student_ce or space.teacher_ce or space.teacher_acc or space.student_acc or space.mask_kd_by_teacher_accuracy
+    needs_labels = (space.student_ce or space.teacher_ce or space.teacher_acc or space.student_acc
+                    or space.mask_kd_by_teacher_accuracy or space.teacher_logit_map is not None)
     if needs_labels and space.labels is None:
         raise ValueError(f"space {space.name}: labels are required for CE/accuracy terms")
     kd, s_ce, t_ce, s_ok, t_ok = chunked(
-        lambda hs, ht, y: _space_chunk(space, hs, ht, y),
-        [space.student_hidden, space.teacher_hidden, space.labels if needs_labels else None],
+        lambda hs, ht, y, info: _space_chunk(space, hs, ht, y, info),
+        [space.student_hidden, space.teacher_hidden, space.labels if needs_labels else None, space.row_info],
         chunk_size,
     )
     losses = {f"kd_{space.name}": kd}

@@ -14,16 +14,19 @@ class Projector(nn.Module):
 
     ``spaces(student, teacher, alignment, criterion) -> list[Space]``: each :class:`Space` pairs
     student-side rows and teacher-side rows with the heads that turn them into logits; the
-    engine evaluates the criterion on them chunk by chunk. ``same_vocab``: the projector needs
-    equal vocabularies (``none`` does; ``dual`` does not).
+    engine evaluates the criterion on them chunk by chunk. Parameters train at
+    ``train.projector_lr``.
     """
 
     name: ClassVar[str]
-    same_vocab: ClassVar[bool] = False
 
     def spaces(self, student: ModelSide, teacher: ModelSide, alignment, criterion) -> List[Space]:
         raise NotImplementedError
 
-    def check_compatible(self, student_vocab_size: int, teacher_vocab_size: int, same_tokenizer: bool) -> Optional[str]:
-        """Return an error message when this projector cannot serve the pair, else ``None``."""
+    def prepare(self, student_model, teacher_model) -> None:
+        """Called once with the loaded models before training (not by ``--validate``); e.g. to
+        initialise projection weights from the two heads."""
+
+    def check_compatible(self, *, shared_tokenizer: bool, aligner, criterion) -> Optional[str]:
+        """Return an error message when this projector cannot serve the combination, else ``None``."""
         return None

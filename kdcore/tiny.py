@@ -66,3 +66,41 @@ def tiny_causal_lm(tokenizer, out_dir=None, arch: str = "llama", hidden: int = 3
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def train_sentencepiece_bpe(texts: Iterable[str], out_dir, vocab_size: int = 800):
+    """A SentencePiece BPE tokenizer (Llama/Mistral style, ``▁`` word boundaries, byte fallback)
+    trained on ``texts``, saved as an HF tokenizer (``LlamaTokenizer``, whose ids match
+    sentencepiece's for BPE models)."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([t for t in texts if t.strip()]), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=2, minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok = LlamaTokenizer.from_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def make_tiny_pair(out_dir, data_dir) -> dict:
+    """Build a tiny cross-tokenizer pair in seconds: ``teacher`` (GPT-2 layout, byte-level BPE
+    1,024 tokens), ``student`` (Llama layout, SentencePiece BPE 800 tokens) and ``student_same``
+    (Llama layout with the teacher's tokenizer, for same-tokenizer methods). Returns the paths."""
+    out = Path(out_dir)
+    texts = instruction_texts(data_dir)
+    bpe = train_byte_bpe(texts, out / "tokenizer-bpe", vocab_size=1024)
+    spm_tok = train_sentencepiece_bpe(texts, out / "tokenizer-spm", vocab_size=800)
+    paths = {"teacher": out / "teacher", "student": out / "student", "student_same": out / "student_same"}
+    tiny_causal_lm(bpe, paths["teacher"], arch="gpt2", hidden=64, layers=2, heads=4, seed=11)
+    tiny_causal_lm(spm_tok, paths["student"], arch="llama", hidden=32, layers=2, heads=4, seed=12)
+    tiny_causal_lm(bpe, paths["student_same"], arch="llama", hidden=32, layers=2, heads=4, seed=13)
+    return paths

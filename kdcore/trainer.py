@@ -76,7 +76,12 @@ def param_groups(module: DistillModule, lr: float, projector_lr: float, weight_d
 
 
 def move(batch, device):
-    return {side: {k: v.to(device, non_blocking=True) for k, v in d.items()} for side, d in batch.items()}
+    """Copy a collated batch (``{part: {name: tensor}}``) to ``device``, keeping shared parts shared."""
+    moved = {}
+    for part, tensors in batch.items():
+        same = next((moved[p] for p in moved if batch[p] is tensors), None)
+        moved[part] = same if same is not None else {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    return moved
 
 
 class Trainer:
@@ -96,6 +101,8 @@ class Trainer:
         p = self.parts
         if p.teacher_model is not None:
             p.teacher_model.to(self.device)
+            p.projector.prepare(p.student_model, p.teacher_model)
+            p.aligner.prepare(p.student_model, p.teacher_model)
         self.module = DistillModule(p.student_model, p.projector, p.aligner, p.criterion,
                                     config.objective.kd_weight, config.objective.chunk_size, p.teacher_model).to(self.device)
         has_extra = any(True for _ in self.module.projector.parameters()) or any(True for _ in self.module.aligner.parameters())
@@ -132,7 +139,8 @@ class Trainer:
     def _build_data(self) -> None:
         p, t, task = self.parts, self.cfg.train, self.parts.task
         teacher_tok = None if p.shared_tokenizer else p.teacher_tokenizer
-        make = lambda exs: PairDataset(exs, p.student_tokenizer, teacher_tok, task.max_length, task.max_prompt_length)
+        features = p.aligner.pair_features if self.cfg.uses_teacher else None
+        make = lambda exs: PairDataset(exs, p.student_tokenizer, teacher_tok, task.max_length, task.max_prompt_length, features)
         self.train_set = make(task.examples("train"))
         eval_examples = task.examples(self.cfg.eval.split)
         if self.cfg.eval.max_examples:

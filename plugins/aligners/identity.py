@@ -32,12 +32,10 @@ class IdentityAligner(Aligner):
     name = "identity"
     requires_same_tokenizer = True
 
-    def align(self, batch: dict) -> Alignment:
-        s, t = batch["student"], batch["teacher"]
-        if s["input_ids"].shape != t["input_ids"].shape or not torch.equal(s["labels"], t["labels"]):
+    def align(self, student, teacher, extras=None) -> Alignment:
+        if student.labels.shape != teacher.labels.shape:
             raise ValueError("aligner 'identity': student and teacher batches differ; the tokenizers are not the same")
-        mask = s["labels"].ne(-100)
-        return IdentityAlignment(mask, mask)
+        return IdentityAlignment(student.mask, teacher.mask)
 
     def check_compatible(self, student_tokenizer, teacher_tokenizer) -> Optional[str]:
         if not same_tokenizer(student_tokenizer, teacher_tokenizer):

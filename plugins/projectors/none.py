@@ -1,9 +1,11 @@
-"""Projector ``none``: each model's own head, one KD space in the shared vocabulary.
+"""Projector ``none``: each model's own head, one KD space (``kd_student``).
 
-Student space rows: response positions of the student, ``z_s = W_s h_s``; teacher rows: the
-aligned teacher positions, ``z_t = W_t h_t`` (no grad). The objective's CE shares the pass.
-When the two heads differ only by padding columns (e.g. 151,936 vs 152,064), the criterion
-compares the first ``min(V_s, V_t)`` columns, which cover the whole shared tokenizer.
+Rows: the student positions the aligner pairs with a teacher position. Student side
+``z_s = W_s h_s``; teacher side ``z_t = W_t h_t`` at the aligned teacher position (no grad),
+mapped into the student vocabulary when the aligner maps vocabularies (MinED). The
+objective's CE shares the pass when the rows are the whole student response. When the two
+heads differ only by padding columns (e.g. 151,936 vs 152,064), the criterion compares the
+first ``min(V_s, V_t)`` columns, which cover the whole shared tokenizer.
 """
 
 from __future__ import annotations
@@ -16,32 +18,34 @@ from kdcore.kdspace import ModelSide, Space
 
 class NoProjector(Projector):
     name = "none"
-    same_vocab = True
 
     def spaces(self, student: ModelSide, teacher: ModelSide, alignment, criterion) -> List[Space]:
         rows = alignment.student_mask
-        labels = student.labels[rows]
-        teacher_hidden = alignment.teacher_to_student(teacher.hidden)[rows]
         v_s, v_t = student.head.vocab_size, teacher.head.vocab_size
+        mapped = alignment.teacher_logit_map is not None
+        same_width = criterion.same_vocab and not mapped and v_s != v_t
         return [
             Space(
                 name="student",
                 student_hidden=student.hidden[rows],
                 student_head=student.head,
-                teacher_hidden=teacher_hidden,
+                teacher_hidden=alignment.teacher_to_student(teacher.hidden)[rows],
                 teacher_head=teacher.head,
                 criterion=criterion,
-                labels=labels,
-                student_ce=True,
-                kd_columns=min(v_s, v_t) if v_s != v_t else None,
+                labels=student.labels[rows],
+                student_ce=alignment.covers_student_response,
+                kd_columns=min(v_s, v_t) if same_width else None,
+                teacher_logit_map=alignment.teacher_logit_map,
+                row_info=alignment.row_info[rows] if alignment.row_info is not None else None,
             )
         ]
 
-    def check_compatible(self, student_vocab_size: int, teacher_vocab_size: int, same_tokenizer: bool) -> Optional[str]:
-        if not same_tokenizer:
-            return ("projector 'none' compares the two models' own output distributions, which needs one shared "
-                    "tokenizer; for different tokenizers use projector 'dual' (DSKD) with a cross-tokenizer aligner")
-        return None
+    def check_compatible(self, *, shared_tokenizer: bool, aligner, criterion) -> Optional[str]:
+        if shared_tokenizer or aligner.maps_vocabulary or not criterion.same_vocab:
+            return None
+        return ("projector 'none' compares the two models' own output distributions, which needs one shared "
+                "vocabulary: with different tokenizers use projector 'dual' (DSKD) with aligner 'cma', aligner "
+                "'mined' (maps the teacher's vocabulary), or criterion 'uld' (compares sorted probabilities)")
 
 
 @hookimpl
