@@ -7,7 +7,7 @@ are read (no weights), every component is built, and every compatibility rule is
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from .config import Config
@@ -29,35 +29,39 @@ class Components:
     student_model: Any = None
     teacher_model: Any = None
     shared_tokenizer: bool = True
-    notes: List[str] = field(default_factory=list)
 
 
-def _dims(hf_config) -> Dict[str, int]:
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-    return {"hidden_size": int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)),
-            "vocab_size": int(getattr(text, "vocab_size", 0))}
+def side_context(prefix: str, tokenizer, model=None, hf_config=None) -> Dict[str, Any]:
+    """Engine context for one model (``student_*`` or ``teacher_*``), from the loaded model or,
+    without weights, from its HF config."""
+    if model is not None:
+        head = model.get_output_embeddings().weight
+        hidden, vocab, hf_config = head.shape[1], head.shape[0], model.config
+    else:
+        text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+        vocab = int(getattr(text, "vocab_size", 0))
+    return {f"{prefix}_tokenizer": tokenizer, f"{prefix}_hidden_size": hidden, f"{prefix}_vocab_size": vocab,
+            f"{prefix}_model_config": hf_config}
+
+
+def build_plugins(cfg_criterion, cfg_projector, cfg_aligner, context: Dict[str, Any]):
+    """(criterion, projector, aligner) built with engine context; the projector sees the criterion."""
+    criterion = cfg_criterion.build(**context)
+    context = {**context, "criterion": criterion}
+    return criterion, cfg_projector.build(**context), cfg_aligner.build(**context)
 
 
 def build_components(cfg: Config, load_weights: bool = True) -> Components:
     """Everything the trainer needs. Raises :class:`KdcoreError` subclasses on bad input."""
     task = cfg.task.build()
     task.check()
-    notes: List[str] = []
     student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
-    teacher_tok = None
-    context: Dict[str, Any] = {"student_tokenizer": student_tok, "seed": cfg.run.seed}
-    student_model = teacher_model = None
-    if load_weights:
-        student_model = load_model(cfg.student)
-        s_dims = {"hidden_size": student_model.get_output_embeddings().weight.shape[1],
-                  "vocab_size": student_model.get_output_embeddings().weight.shape[0]}
-        context["student_model_config"] = student_model.config
-    else:
-        s_hf = load_model_config(cfg.student)
-        s_dims = _dims(s_hf)
-        context["student_model_config"] = s_hf
-    context.update(student_hidden_size=s_dims["hidden_size"], student_vocab_size=s_dims["vocab_size"])
-
+    student_model = load_model(cfg.student) if load_weights else None
+    context: Dict[str, Any] = {"seed": cfg.run.seed}
+    context.update(side_context("student", student_tok, student_model,
+                                None if load_weights else load_model_config(cfg.student)))
+    teacher_tok = teacher_model = None
     shared = True
     if cfg.uses_teacher:
         teacher_tok = load_tokenizer(cfg.teacher, build_cache=load_weights)
@@ -65,27 +69,16 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
         if load_weights:
             teacher_model = load_model(cfg.teacher)
             freeze(teacher_model)
-            t_dims = {"hidden_size": teacher_model.get_output_embeddings().weight.shape[1],
-                      "vocab_size": teacher_model.get_output_embeddings().weight.shape[0]}
-            context["teacher_model_config"] = teacher_model.config
-        else:
-            t_hf = load_model_config(cfg.teacher)
-            t_dims = _dims(t_hf)
-            context["teacher_model_config"] = t_hf
-        context.update(teacher_tokenizer=teacher_tok, teacher_hidden_size=t_dims["hidden_size"],
-                       teacher_vocab_size=t_dims["vocab_size"])
-
-    criterion = cfg.criterion.build(**context)
-    context["criterion"] = criterion
-    projector = cfg.projector.build(**context)
-    aligner = cfg.aligner.build(**context)
+        context.update(side_context("teacher", teacher_tok, teacher_model,
+                                    None if load_weights else load_model_config(cfg.teacher)))
+    criterion, projector, aligner = build_plugins(cfg.criterion, cfg.projector, cfg.aligner, context)
     if cfg.uses_teacher:
-        check_pair(cfg, criterion, projector, aligner, student_tok, teacher_tok, shared,
+        check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
-    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model, shared, notes)
+    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model, shared)
 
 
-def check_pair(cfg: Config, criterion, projector, aligner, student_tok, teacher_tok, shared: bool,
+def check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared: bool,
                v_s: int, v_t: int) -> None:
     """Refuse incompatible choices with a message that names what to use instead."""
     problem = aligner.check_compatible(student_tok, teacher_tok)

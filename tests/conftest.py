@@ -58,3 +58,24 @@ def make_config(tiny_dir, tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """The cross-tokenizer pair of tools/make_tiny_pair.py: teacher (GPT-2, byte BPE), student
+    (Llama, SentencePiece BPE) and student_same (Llama, the teacher's tokenizer)."""
+    from kdcore.tiny import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp("pair"), DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def repo_like_cwd(tiny_pair, tmp_path_factory):
+    """A working directory where shipped configs' relative paths resolve: ``data`` and
+    ``configs`` link to the repository and ``runs/tiny-pair`` to the tiny pair."""
+    root = tmp_path_factory.mktemp("cwd")
+    (root / "data").symlink_to(REPO / "data")
+    (root / "configs").symlink_to(REPO / "configs")
+    (root / "runs").mkdir()
+    (root / "runs" / "tiny-pair").symlink_to(tiny_pair["teacher"].parent)
+    return root

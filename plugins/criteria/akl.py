@@ -29,14 +29,21 @@ from kdcore.errors import ConfigError
 
 
 def head_tail_gaps(p_s: torch.Tensor, p_t: torch.Tensor, alpha: float):
-    """``(g_head[N], g_tail[N])`` of AKL's step 1–4, without gradient."""
+    """``(g_head[N], g_tail[N])`` of AKL's steps 1–4, without gradient.
+
+    Equivalent to gathering ``p_s`` in the teacher's ascending order, but the tail mask is
+    scattered back to vocabulary order instead, which needs fewer ``[N, V]`` temporaries.
+    """
     with torch.no_grad():
-        p_t_sorted, order = torch.sort(p_t, dim=-1, stable=True)
-        gap = (p_t_sorted - p_s.gather(-1, order)).abs()
-        del order
-        tail = torch.cumsum(p_t_sorted, dim=-1) <= alpha
-        g_tail = torch.where(tail, gap, 0.0).sum(-1)
-        g_head = torch.where(tail, 0.0, gap).sum(-1)
+        p_s, p_t = p_s.detach(), p_t.detach()
+        cum, order = torch.sort(p_t, dim=-1, stable=True)
+        cum.cumsum_(dim=-1)  # C_i in sorted order
+        tail = torch.empty(p_t.shape, dtype=torch.bool, device=p_t.device)
+        tail.scatter_(-1, order, cum <= alpha)
+        del cum, order
+        gap = (p_t - p_s).abs_()
+        g_head = gap.masked_fill(tail, 0.0).sum(-1)
+        g_tail = gap.masked_fill_(~tail, 0.0).sum(-1)
     return g_head, g_tail
 
 
@@ -58,10 +65,10 @@ class AdaptiveKL(Criterion):
         log_p_s = tempered_log_probs(student_logits, self.temperature)
         log_p_t = tempered_log_probs(teacher_logits, self.temperature)
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
+        g_head, g_tail = head_tail_gaps(p_s, p_t, self.alpha)
         fin_s, fin_t = torch.isfinite(log_p_s), torch.isfinite(log_p_t)
         kl = (p_t * torch.where(fin_t, log_p_t - log_p_s, 0.0)).sum(-1)
         rkl = (p_s * torch.where(fin_s & fin_t, log_p_s - log_p_t, 0.0)).sum(-1)
-        g_head, g_tail = head_tail_gaps(p_s, p_t, self.alpha)
         total = g_head + g_tail
         some = total > 0
         safe_total = torch.where(some, total, 1.0)
