@@ -29,6 +29,7 @@ class Components:
     student_model: Any = None
     teacher_model: Any = None
     shared_tokenizer: bool = True
+    tuner: Any = None
 
 
 def side_context(prefix: str, tokenizer, model=None, hf_config=None) -> Dict[str, Any]:
@@ -57,7 +58,8 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
     task = cfg.task.build()
     task.check()
     student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
-    student_model = load_model(cfg.student) if load_weights else None
+    tuner = cfg.tuner.build()
+    student_model = tuner.apply(load_model(cfg.student)) if load_weights else None
     context: Dict[str, Any] = {"seed": cfg.run.seed}
     context.update(side_context("student", student_tok, student_model,
                                 None if load_weights else load_model_config(cfg.student)))
@@ -75,7 +77,8 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
     if cfg.uses_teacher:
         check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
-    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model, shared)
+    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model,
+                      shared, tuner)
 
 
 def check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared: bool,

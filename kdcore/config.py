@@ -95,11 +95,18 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """``eval:`` the periodic evaluation loss (on the task's ``split``)."""
+    """``eval:`` periodic evaluation on the task's ``split``: the loss terms, and with
+    ``generate: true`` the dev ROUGE-L of sampled responses (DSKD: sampling at T=1, top-k 0,
+    top-p 1, no n-gram block, averaged over ``seeds``). ``select_by`` picks the best checkpoint."""
 
     split: str = "valid"
     batch_size: int = 8
     max_examples: Optional[int] = None
+    generate: bool = False
+    seeds: List[int] = field(default_factory=lambda: [10, 20, 30])
+    max_new_tokens: Optional[int] = None
+    generate_batch_size: int = 16
+    select_by: Literal["ce", "rouge_l"] = "ce"
 
 
 SECTIONS = {"run": RunConfig, "objective": ObjectiveConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -123,6 +130,7 @@ class Config:
     criterion: ComponentSpec
     projector: ComponentSpec
     aligner: ComponentSpec
+    tuner: ComponentSpec
     plugins: List[str]
     resolved: Dict[str, Any]
     source: Optional[str] = None
@@ -220,11 +228,18 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         models[name] = check_section(ModelConfig, node, name)
     if models["student"] is None:
         raise ConfigError("student: missing section (a model path is required)")
+    if models["teacher"] is not None and models["teacher"].tuner is not None:
+        raise ConfigError("teacher.tuner: the teacher is frozen; only the student takes a tuner")
+    tuner = spec("tuner", models["student"].tuner or "full", where="student.tuner")
     if sections["objective"].kd_weight > 0 and models["teacher"] is None:
         raise ConfigError("teacher: missing section; it is required when objective.kd_weight > 0 (use kd_weight: 0 for SFT)")
     if not 0 <= sections["objective"].kd_weight <= 1:
         raise ConfigError(f"objective.kd_weight: must be in [0, 1], got {sections['objective'].kd_weight}")
     _check_train(sections["train"])
+    if sections["eval"].select_by == "rouge_l" and not sections["eval"].generate:
+        raise ConfigError("eval.select_by: 'rouge_l' needs eval.generate: true")
+    if sections["eval"].generate and not sections["eval"].seeds:
+        raise ConfigError("eval.seeds: give at least one seed for dev generation")
 
     if raw.get("task") is None:
         raise ConfigError("task: missing section (e.g. {name: instruction, data_dir: ...})")
@@ -235,9 +250,10 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         resolved[name] = dataclasses.asdict(sections[name])
     for name in MODEL_SECTIONS:
         resolved[name] = dataclasses.asdict(models[name]) if models[name] else None
+    resolved["student"]["tuner"] = tuner.config_node()
     for name, c in comps.items():
         resolved[name] = c.config_node()
-    return Config(**sections, **models, **comps, plugins=plugins, resolved=resolved, source=source)
+    return Config(**sections, **models, **comps, tuner=tuner, plugins=plugins, resolved=resolved, source=source)
 
 
 def _check_train(t: TrainConfig) -> None:

@@ -30,9 +30,14 @@ def pad_id(tokenizer) -> int:
     return pid
 
 
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
+    """Prompt ids: no special tokens (no BOS), the first ``max_prompt_length`` tokens kept."""
+    return tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_length]
+
+
 def encode_example(tokenizer, example: Example, max_length: int, max_prompt_length: int) -> Dict[str, List[int]]:
     """``input_ids``/``labels`` lists for one example (see the module docstring)."""
-    prompt = tokenizer.encode(example.prompt, add_special_tokens=False)[:max_prompt_length]
+    prompt = encode_prompt(tokenizer, example.prompt, max_prompt_length)
     response = tokenizer.encode(example.response, add_special_tokens=False) + [tokenizer.eos_token_id]
     seq = (prompt + response)[:max_length]
     labels = list(seq[1:])

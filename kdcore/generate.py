@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Sequence
 import torch
 
 from .data import pad_id
+from . import data
 from .rouge import postprocess
 
 
@@ -68,7 +69,7 @@ class GenerationSettings:
 def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> List[int]:
     """Prompt ids as in training (kdcore.data.encode_example): no special tokens, the first
     ``max_prompt_length`` tokens kept."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_length]
+    ids = data.encode_prompt(tokenizer, prompt, max_prompt_length)
     return ids or [tokenizer.eos_token_id]  # an empty prompt still needs one position to attend to
 
 

@@ -47,3 +47,12 @@ def kdcore_register_tasks(register):
 
     Called once at registry build time. A task yields examples (prompt, response) per split.
     """
+
+
+@hookspec
+def kdcore_register_tuners(register):
+    """Register student tuners (subclasses of :class:`kdcore.tuner.Tuner`).
+
+    Called once at registry build time. A tuner decides which student parameters train
+    (``full``, ``lora``, ...).
+    """

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import torch
 
@@ -37,6 +37,8 @@ class ModelConfig:
     tokenizer: a different directory or id to load the tokenizer from (default: ``path``).
     dtype: weights dtype. keep_layers: for a student cut from a deeper model, the indices of
       the decoder layers to keep (in order). gradient_checkpointing: recompute activations.
+    adapter: a PEFT adapter directory merged into the weights at load (an SFT'd LoRA teacher).
+    tuner: student only: which parameters train (``full`` by default, ``lora`` via peft).
     """
 
     path: str
@@ -47,6 +49,8 @@ class ModelConfig:
     keep_layers: Optional[List[int]] = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    adapter: Optional[str] = None
+    tuner: Optional[Union[str, Dict[str, Any]]] = None
 
 
 def cache_root() -> Path:
@@ -186,12 +190,27 @@ def load_model(cfg: ModelConfig):
         raise
     except Exception as exc:
         raise _wrap_load_error("model", cfg, exc) from exc
+    if cfg.adapter:
+        model = merge_adapter(model, cfg.adapter)
     if cfg.keep_layers is not None:
         keep_layers(model, cfg.keep_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def merge_adapter(model, adapter: str):
+    """Load a PEFT adapter onto ``model`` and merge it into the weights."""
+    from peft import PeftModel
+
+    path = resolve_path(adapter)
+    if not os.path.isdir(path):
+        raise ModelError(f"adapter directory not found: {path}")
+    try:
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
+    except Exception as exc:
+        raise ModelError(f"cannot merge adapter {path}: {str(exc).splitlines()[0]}") from None
 
 
 def _check_keep_layers(keep: List[int], n: int, where: str) -> None:

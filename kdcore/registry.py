@@ -32,6 +32,7 @@ KIND_HOOKS: Dict[str, str] = {
     "projector": "kdcore_register_projectors",
     "aligner": "kdcore_register_aligners",
     "task": "kdcore_register_tasks",
+    "tuner": "kdcore_register_tuners",
 }
 
 
@@ -40,8 +41,9 @@ def _base_class(kind: str):
     from .criterion import Criterion
     from .projector import Projector
     from .task import Task
+    from .tuner import Tuner
 
-    return {"criterion": Criterion, "projector": Projector, "aligner": Aligner, "task": Task}[kind]
+    return {"criterion": Criterion, "projector": Projector, "aligner": Aligner, "task": Task, "tuner": Tuner}[kind]
 
 
 @dataclass(frozen=True)

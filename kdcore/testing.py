@@ -55,8 +55,8 @@ What a criterion must satisfy (DESIGN.md, "Criterion contract"), one check each:
     teacher; a column ``−inf`` in both is the same as no column (values equal to those of the
     logits with the column removed, ``ROW_RTOL``/``INF_ATOL``).
 
-Test distributions (:func:`make_logits`, :func:`make_pair`, fixed seeds, student and teacher
-drawn independently): ``random`` (standard normal logits × 2), ``peaked`` (standard normal
+Test distributions (:func:`make_logits`, :func:`make_pair`, :func:`distribution_pairs`; fixed
+seeds, student and teacher drawn independently): ``random`` (standard normal logits × 2), ``peaked`` (standard normal
 with one random logit +20 per row), ``near_uniform`` (standard normal × 1e-3).
 """
 
@@ -109,13 +109,11 @@ def make_pair(kind: str, n: int = 8, v: int = 64, seed: int = 0, dtype: torch.dt
             make_logits(kind, n, v, 2 * seed + 2, dtype, device))
 
 
-def test_distributions(n: int = 8, v: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
+def distribution_pairs(n: int = 8, v: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
                        device: Union[str, torch.device] = "cpu") -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """``{kind: (student_logits, teacher_logits)}`` for every kind in :data:`DISTRIBUTIONS`."""
     return {kind: make_pair(kind, n, v, seed + i, dtype, device) for i, kind in enumerate(DISTRIBUTIONS)}
 
-
-test_distributions.__test__ = False  # not a pytest test despite the name
 
 
 # -- resolving the criterion -------------------------------------------------------------
@@ -218,7 +216,7 @@ def check_shape_dtype(criterion, n: int = 8, v: int = 64, seed: int = 0, device=
 
 
 def check_identical(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (_, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (_, t) in distribution_pairs(n, v, seed, device=device).items():
         vals, s_grad, _ = _grads(criterion, t, t)
         _assert_finite(vals, f"{kind}: per_token(z, z)")
         if zero_on_identical(criterion):
@@ -236,7 +234,7 @@ def check_identical(criterion, n: int = 8, v: int = 64, seed: int = 0, device="c
 
 
 def check_non_negative(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         vals = _values(criterion, s, t)
         _assert_finite(vals, f"{kind}: values")
         if (vals < -NONNEG_ATOL).any():
@@ -244,7 +242,7 @@ def check_non_negative(criterion, n: int = 8, v: int = 64, seed: int = 0, device
 
 
 def check_student_gradients(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         _, g, _ = _grads(criterion, s, t)
         _assert_finite(g, f"{kind}: student gradient")
         if g.shape != s.shape or g.dtype != s.dtype:
@@ -254,7 +252,7 @@ def check_student_gradients(criterion, n: int = 8, v: int = 64, seed: int = 0, d
 
 
 def check_teacher_gradients(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         _, _, g = _grads(criterion, s, t, teacher_grad=True)
         _assert_finite(g, f"{kind}: teacher gradient")
     s, t_both, t, _, _ = _with_neg_inf(n, v, seed, device)
@@ -264,7 +262,7 @@ def check_teacher_gradients(criterion, n: int = 8, v: int = 64, seed: int = 0, d
 
 
 def check_rows(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         ref = _values(criterion, s, t)
         pads = {
             "zero padding rows": (torch.zeros(3, v, device=device), torch.zeros(3, v, device=device)),
@@ -278,14 +276,15 @@ def check_rows(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") 
             _close(out[ps.shape[0]:], ref, ROW_RTOL, ROW_ATOL, f"{kind}: real rows after prepending {what}")
         # Changing every other row must not change row 0.
         s2, t2 = s.clone(), t.clone()
-        s2[1:], t2[1:] = make_pair("random", n - 1, v, seed + 9, device=device) if n > 1 else (s2[1:], t2[1:])
+        if n > 1:
+            s2[1:], t2[1:] = make_pair("random", n - 1, v, seed + 9, device=device)
         _close(_values(criterion, s2, t2)[:1], ref[:1], ROW_RTOL, ROW_ATOL, f"{kind}: row 0 after changing the other rows")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
         _close(_values(criterion, s[perm], t[perm]), ref[perm], ROW_RTOL, ROW_ATOL, f"{kind}: permuted rows")
 
 
 def check_batch_split(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         ref = _values(criterion, s, t)
         for k in sorted({1, n // 2, n - 1}):
             if not 0 < k < n:
@@ -295,7 +294,7 @@ def check_batch_split(criterion, n: int = 8, v: int = 64, seed: int = 0, device=
 
 
 def check_low_precision(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
-    for kind, (s, t) in test_distributions(n, v, seed, device=device).items():
+    for kind, (s, t) in distribution_pairs(n, v, seed, device=device).items():
         s16, t16 = s.bfloat16(), t.bfloat16()
         v16 = _values(criterion, s16, t16)
         _assert_finite(v16, f"{kind}: bf16 values")

@@ -234,9 +234,32 @@ class Trainer:
                 c = acc.setdefault(k, torch.zeros(2, device=self.device))
                 c += torch.stack([correct.float(), torch.tensor(float(rows), device=self.device)])
         n = float(all_reduce_sum(tokens, self.dist).item())
+        metrics = self._reduce_metrics(sums, acc, max(n, 1.0))
+        if self.cfg.eval.generate:
+            metrics["rouge_l"] = self.dev_rouge_l()
         if was_training:
             self.module.train()
-        return self._reduce_metrics(sums, acc, max(n, 1.0))
+        return metrics
+
+    def dev_rouge_l(self) -> float:
+        """Dev ROUGE-L of sampled student responses (rank 0 generates; the value is shared).
+
+        Runs under a forked RNG so that evaluating does not change the training random stream.
+        """
+        from .evaluate import rouge_l_of
+        from .generate import GenerationSettings
+
+        e, task = self.cfg.eval, self.parts.task
+        value = torch.zeros(1, device=self.device)
+        if self.dist.is_main:
+            settings = GenerationSettings.dev(task.max_length, task.max_prompt_length, batch_size=e.generate_batch_size)
+            if e.max_new_tokens:
+                settings = settings.replace(max_new_tokens=e.max_new_tokens)
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                value += rouge_l_of(self.parts.student_model, self.parts.student_tokenizer, self.eval_set.examples,
+                                    settings, seeds=e.seeds)
+        return float(all_reduce_sum(value, self.dist).item())
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, split: str, metrics: Dict[str, float]) -> None:
@@ -261,15 +284,19 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, eval_metrics: Optional[Dict[str, float]] = None) -> None:
-        if eval_metrics is not None and CE in eval_metrics:
-            if self.best is None or eval_metrics[CE] < self.best["eval_ce"]:
-                self.best = {"step": self.step, "eval_ce": eval_metrics[CE]}
+        key = self.cfg.eval.select_by
+        if eval_metrics is not None and key in eval_metrics:
+            better = (lambda new, old: new > old) if key == "rouge_l" else (lambda new, old: new < old)
+            if self.best is None or better(eval_metrics[key], self.best["value"]):
+                self.best = {"step": self.step, "metric": key, "value": eval_metrics[key]}
         state = {"best": self.best, "total_steps": self.total_steps}
         ckpt.save(self.ckpt_root, self.step, self.module, self.optimizer, self.scheduler, state,
                   self.dist.rank, self.dist.world_size, lambda: barrier(self.dist))
         if self.dist.is_main:
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_last, self.best["step"] if self.best else None)
         barrier(self.dist)
+        if self.best is not None and self.best["step"] == self.step:
+            self._save_student("best", final=False)
 
     def maybe_resume(self) -> None:
         if not self.cfg.train.resume:
@@ -287,19 +314,29 @@ class Trainer:
 
     def save_final(self) -> Path:
         """The student with ``save_pretrained`` (loadable by plain transformers), atomically."""
-        final = self.out / "final"
-        if self.dist.is_main:
-            import shutil
+        return self._save_student("final", final=True)
 
-            tmp = self.out / ".tmp-final"
+    def _save_student(self, name: str, final: bool) -> Path:
+        """Write the student to ``output_dir/name`` through a temporary directory. ``final``
+        lets the tuner export (LoRA: merge); before the end only tuner files (the adapter) are
+        written for tuned students, since merging would change the model being trained."""
+        import shutil
+
+        target = self.out / name
+        if self.dist.is_main:
+            tmp = self.out / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.parts.student_model.save_pretrained(tmp)
+            tmp.mkdir(parents=True)
+            tuner, student = self.parts.tuner, self.parts.student_model
+            tuner.save_extra(student, tmp)
+            if final or not hasattr(student, "peft_config"):
+                tuner.export(student).save_pretrained(tmp) if final else student.save_pretrained(tmp)
             self.parts.student_tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
         barrier(self.dist)
-        return final
+        return target
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kdcore
+import kdcore.testing
 from kdcore.errors import ConfigError
 from kdcore.testing import CHECKS, DISTRIBUTIONS, make_pair, run_check
 
@@ -267,6 +268,61 @@ def test_ce_is_teacher_entropy_plus_kl():
     _assert_close(crit.per_token(t, t), entropy, VALUE_RTOL, VALUE_ATOL, "ce(z, z) = H(p_t)")
     fkl = kdcore.build("criterion", "fkl").per_token(s, t)
     _assert_close(crit.per_token(s, t), entropy + fkl.double(), VALUE_RTOL, VALUE_ATOL, "ce = H + KL")
+
+
+# -- the contract suite catches broken criteria ---------------------------------------------
+
+class _Hellinger(kdcore.Criterion):
+    """A correct third-party-style criterion: squared Hellinger distance ½ Σ (√p_s − √p_t)²."""
+
+    name = "hellinger_test"
+
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = temperature
+
+    def per_token(self, student_logits, teacher_logits):
+        from kdcore.criterion import tempered_log_probs
+
+        r_s = (0.5 * tempered_log_probs(student_logits, self.temperature)).exp()
+        r_t = (0.5 * tempered_log_probs(teacher_logits, self.temperature)).exp()
+        return 0.5 * (r_s - r_t).pow(2).sum(-1)
+
+
+class _Averaging(_Hellinger):
+    def per_token(self, s, t):
+        return super().per_token(s, t).mean().expand(s.shape[0])
+
+
+class _LowPrecisionMath(_Hellinger):
+    def per_token(self, s, t):
+        p_s, p_t = torch.softmax(s, -1), torch.softmax(t, -1)  # input dtype, not float32
+        return 0.5 * (p_s.sqrt() - p_t.sqrt()).pow(2).sum(-1).float()
+
+
+class _NaNOnMaskedColumns(_Hellinger):
+    def per_token(self, s, t):
+        ls, lt = torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1)
+        return (lt.exp() * (lt - ls)).sum(-1)  # 0 · (−inf − −inf) = NaN
+
+
+class _NotZeroOnIdentical(_Hellinger):
+    def per_token(self, s, t):
+        return super().per_token(s, t) + 0.01
+
+
+def test_suite_accepts_a_correct_third_party_criterion():
+    assert kdcore.testing.check_criterion(_Hellinger, temperature=2.0) == list(CHECKS)
+
+
+@pytest.mark.parametrize("broken,failing_check", [
+    (_Averaging, "rows"),
+    (_LowPrecisionMath, "low_precision"),
+    (_NaNOnMaskedColumns, "neg_inf_columns"),
+    (_NotZeroOnIdentical, "identical"),
+])
+def test_suite_rejects_broken_criteria(broken, failing_check):
+    with pytest.raises(AssertionError, match=f"fails '{failing_check}'"):
+        kdcore.testing.check_criterion(broken)
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -201,3 +201,60 @@ def test_identity_refuses_different_tokenizers(make_config, tmp_path):
         from kdcore.assemble import validate_models
 
         validate_models(load_config(path))
+
+
+def test_lora_student_trains_only_adapters_and_exports_merged(make_config, tmp_path, tiny_dir):
+    path = make_config({"student": {"path": str(tiny_dir / "student"), "gradient_checkpointing": True,
+                                    "tuner": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}})
+    trainer = trainer_for(path)
+    trainable = [n for n, p in trainer.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    from transformers import AutoModelForCausalLM
+
+    final = tmp_path / "run" / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "student")
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_teacher_adapter_is_merged(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kdcore.models import ModelConfig, load_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "teacher")
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = load_model(ModelConfig(path=str(tiny_dir / "teacher"), adapter=str(tmp_path / "adapter")))
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dev_rouge_l_selects_the_best_checkpoint(make_config, tmp_path):
+    path = make_config({"train": {"max_steps": 2, "save_every": 1, "keep_last": 1, "eval_every": 1},
+                        "eval": {"max_examples": 4, "generate": True, "seeds": [1, 2], "max_new_tokens": 4,
+                                 "select_by": "rouge_l"}})
+    trainer = trainer_for(path)
+    rng_before = torch.get_rng_state()
+    value = trainer.dev_rouge_l()
+    assert torch.equal(torch.get_rng_state(), rng_before)  # evaluation leaves the training RNG alone
+    assert 0.0 <= value <= 100.0
+    trainer.train()
+    out = tmp_path / "run"
+    evals = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert all("rouge_l" in r for r in evals)
+    best = json.loads((sorted((out / "checkpoints").iterdir())[-1] / "state.json").read_text())["best"]
+    scores = {r["step"]: r["rouge_l"] for r in evals if r["step"] > 0}
+    assert best["metric"] == "rouge_l" and best["value"] == max(scores.values())
+    assert best["step"] == max(scores, key=lambda s: (scores[s], -s))
+    assert (out / "best" / "config.json").is_file()
+
+
+def test_select_by_rouge_needs_generation(make_config):
+    with pytest.raises(ConfigError, match="eval.select_by: 'rouge_l' needs eval.generate: true"):
+        load_config(make_config({"eval": {"select_by": "rouge_l"}}))

@@ -93,6 +93,11 @@ def _peak_rss_bytes(exact: bool) -> int:
 
 
 def worker(args) -> dict:
+    try:  # if a configuration does not fit after all, the kernel should kill this worker first
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     import torch
 
     import kdcore

@@ -1,0 +1,1 @@
+"""Built-in student tuners, one module each."""
