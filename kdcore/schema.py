@@ -30,7 +30,6 @@ CONTEXT_NAMES = frozenset(
         "teacher_model_config",
         "criterion",
         "seed",
-        "cache_dir",
     }
 )
 

@@ -49,7 +49,8 @@ def make_config(tiny_dir, tmp_path):
             "eval": {"max_examples": 8},
         }
         for key, value in (extra or {}).items():
-            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            same_component = not (isinstance(value, dict) and "name" in value and value["name"] != cfg.get(key, {}).get("name"))
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict) and same_component:
                 cfg[key].update(value)
             else:
                 cfg[key] = value
