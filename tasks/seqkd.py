@@ -48,9 +48,13 @@ class SeqKDTask(Task):
 
     def check(self) -> None:
         self.source.check()
+        from kdcore.errors import ModelUnavailable
         from kdcore.models import load_model_config
 
-        load_model_config(self.teacher)
+        try:
+            load_model_config(self.teacher)
+        except ModelUnavailable:  # a hub teacher that is not cached offline: nothing to inspect yet
+            pass
 
     def cache_file(self, prompts: List[str]) -> Path:
         key = json.dumps({"teacher": vars(self.teacher), "generation": self.generation, "seed": self.seed,
