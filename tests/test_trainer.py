@@ -16,7 +16,7 @@ import yaml
 from kdcore.cli import main
 from kdcore.config import load_config
 from kdcore.distributed import DistInfo
-from kdcore.errors import CheckpointError, ConfigError
+from kdcore.errors import ConfigError
 from kdcore.trainer import Trainer
 
 HERE = Path(__file__).parent

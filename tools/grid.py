@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from kdcore.config import apply_overrides, dump, load_yaml, parse_override, validate
+from kdcore.console import run_command
 from kdcore.errors import ConfigError, KdcoreError, suggest
 
 GRID_KEYS = ["base", "axes", "zip", "exclude", "name", "output_root", "overrides"]
@@ -794,16 +795,8 @@ def run_cli(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parser().parse_args(argv)
-    try:
-        return run_cli(args)
-    except KdcoreError as exc:
-        print(f"grid: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("grid: interrupted", file=sys.stderr)
-        return 130
+    return run_command("grid", lambda: run_cli(args))
 
 
 if __name__ == "__main__":

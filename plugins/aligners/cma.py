@@ -20,7 +20,6 @@ Embeddings come from ``get_input_embeddings()``, so any family works (GPT-2 teac
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
