@@ -11,6 +11,7 @@ printed as one message and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import List, Optional
 
@@ -71,6 +72,11 @@ def run(args) -> int:
         if info.is_main:
             summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("ce", "loss"))
             print(f"done: {trainer.step} steps; final eval {summary}; student saved to {trainer.out / 'final'}")
+            rouge = trainer.out / "test_rouge.json"
+            if rouge.is_file():
+                r = json.loads(rouge.read_text())
+                parts = [f"{k.replace('_', ' ')} {r[k]:.2f}" for k in ("student_before", "student_after", "teacher") if k in r]
+                print(f"ROUGE-L on the {r['split']} split: " + ", ".join(parts))
     finally:
         shutdown()
     return 0

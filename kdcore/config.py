@@ -97,7 +97,9 @@ class TrainConfig:
 class EvalConfig:
     """``eval:`` periodic evaluation on the task's ``split``: the loss terms, and with
     ``generate: true`` the dev ROUGE-L of sampled responses (DSKD: sampling at T=1, top-k 0,
-    top-p 1, no n-gram block, averaged over ``seeds``). ``select_by`` picks the best checkpoint."""
+    top-p 1, no n-gram block, averaged over ``seeds``; ``greedy`` decodes greedily instead).
+    ``select_by`` picks the best checkpoint. ``test_split``: also report the ROUGE-L of the
+    student before and after training, and of the teacher, on that split (``test_rouge.json``)."""
 
     split: str = "valid"
     batch_size: int = 8
@@ -106,7 +108,9 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [10, 20, 30])
     max_new_tokens: Optional[int] = None
     generate_batch_size: int = 16
+    greedy: bool = False
     select_by: Literal["ce", "rouge_l"] = "ce"
+    test_split: Optional[str] = None
 
 
 SECTIONS = {"run": RunConfig, "objective": ObjectiveConfig, "train": TrainConfig, "eval": EvalConfig}

@@ -242,24 +242,44 @@ class Trainer:
         return metrics
 
     def dev_rouge_l(self) -> float:
-        """Dev ROUGE-L of sampled student responses (rank 0 generates; the value is shared).
+        """Dev ROUGE-L of the student's responses on the eval split."""
+        return self.rouge_l(self.parts.student_model, self.parts.student_tokenizer, self.eval_set.examples)
 
-        Runs under a forked RNG so that evaluating does not change the training random stream.
-        """
+    def rouge_l(self, model, tokenizer, examples, ngram_block: int = 0) -> float:
+        """ROUGE-L (× 100) of ``model``'s generations, averaged over ``eval.seeds``: DSKD's dev
+        sampler (no n-gram block by default; the test protocol blocks 6-grams) or greedy
+        decoding. Rank 0 generates and shares the value; a forked RNG keeps evaluation from
+        changing the training random stream."""
         from .evaluate import rouge_l_of
         from .generate import GenerationSettings
 
         e, task = self.cfg.eval, self.parts.task
         value = torch.zeros(1, device=self.device)
         if self.dist.is_main:
-            settings = GenerationSettings.dev(task.max_length, task.max_prompt_length, batch_size=e.generate_batch_size)
+            settings = GenerationSettings.dev(task.max_length, task.max_prompt_length, batch_size=e.generate_batch_size,
+                                              do_sample=not e.greedy, no_repeat_ngram_size=ngram_block)
             if e.max_new_tokens:
                 settings = settings.replace(max_new_tokens=e.max_new_tokens)
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                value += rouge_l_of(self.parts.student_model, self.parts.student_tokenizer, self.eval_set.examples,
-                                    settings, seeds=e.seeds)
+                value += rouge_l_of(model, tokenizer, examples, settings, seeds=e.seeds[:1] if e.greedy else e.seeds)
         return float(all_reduce_sum(value, self.dist).item())
+
+    def test_rouge_l(self, stage: str) -> None:
+        """``eval.test_split``: student ROUGE-L ``before``/``after`` training (and the teacher's,
+        once), logged as split ``test`` and kept in ``test_rouge.json``."""
+        split = self.cfg.eval.test_split
+        if not split:
+            return
+        examples = self.parts.task.examples(split)
+        path = self.out / "test_rouge.json"
+        results = json.loads(path.read_text()) if path.is_file() else {"split": split}
+        results[f"student_{stage}"] = self.rouge_l(self.parts.student_model, self.parts.student_tokenizer, examples, 6)
+        if stage == "before" and self.parts.teacher_model is not None:
+            results["teacher"] = self.rouge_l(self.parts.teacher_model, self.parts.teacher_tokenizer, examples, 6)
+        if self.dist.is_main:
+            path.write_text(json.dumps(results, indent=2))
+        self.log("test", {k: v for k, v in results.items() if k != "split"})
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, split: str, metrics: Dict[str, float]) -> None:
@@ -348,6 +368,8 @@ class Trainer:
         self.module.train()
         if self.step == 0 and t.eval_at_start:
             self.log("eval", self.evaluate())
+        if self.step == 0:
+            self.test_rouge_l("before")
         loader = self._loader(self.step)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         micro: List = []
@@ -378,6 +400,7 @@ class Trainer:
                 self.save_checkpoint(last_eval if (eval_now or end_of_epoch or self.step == self.total_steps) else None)
             tick = time.perf_counter()
         bar.close()
+        self.test_rouge_l("after")
         self.save_final()
         if self.writer is not None:
             self.writer.close()

@@ -281,3 +281,15 @@ def test_seqkd_generates_once_resumes_and_trains(make_config, tmp_path, tiny_dir
     assert [e.response for e in again.examples("train")] == full
     assert again.examples("valid")[0].response == seqkd.source.examples("valid")[0].response
     assert main(["--config", str(path)]) == 0
+
+
+def test_test_split_rouge_before_after_and_teacher(make_config, tmp_path, capsys):
+    path = make_config({"eval": {"max_examples": 4, "test_split": "test", "greedy": True, "max_new_tokens": 3},
+                        "task": {"max_examples": 8}})
+    assert main(["--config", str(path)]) == 0
+    results = json.loads((tmp_path / "run" / "test_rouge.json").read_text())
+    assert set(results) == {"split", "student_before", "student_after", "teacher"}
+    assert all(0.0 <= results[k] <= 100.0 for k in ("student_before", "student_after", "teacher"))
+    assert "ROUGE-L on the test split: student before" in capsys.readouterr().out
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["split"] == "test"][-1]["student_after"] == results["student_after"]
