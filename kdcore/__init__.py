@@ -9,12 +9,13 @@ from .criterion import Criterion
 from .aligner import Aligner, Alignment
 from .projector import Projector
 from .task import Example, Task
+from .tuner import Tuner
 from .components import build, names
 from .errors import KdcoreError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "hookimpl", "hookspec", "Criterion", "Aligner", "Alignment", "Projector", "Task", "Example",
+    "hookimpl", "hookspec", "Criterion", "Aligner", "Alignment", "Projector", "Task", "Example", "Tuner",
     "build", "names", "KdcoreError", "__version__",
 ]

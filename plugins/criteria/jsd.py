@@ -12,8 +12,8 @@ and in the outer sum; β = 0.5 is the symmetric Jensen–Shannon divergence (bou
 
 ``log m`` is computed in log space (``logaddexp``, see :func:`log_mixture`), so the value is the
 true divergence up to float32 rounding (no ``+1e-9`` smoothing as in the DSKD code; identical
-inputs give 0 to within ~1e-7). ``−inf`` columns (masked vocabulary, in both or only in the teacher)
-contribute exactly 0 and give finite gradients.
+inputs give 0 within ≲ 3e-7). ``−inf`` columns (masked vocabulary, in both or only in the
+teacher) are handled exactly and give finite gradients.
 
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """

@@ -5,9 +5,9 @@ With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the i
     SKL_λ = KL(p_t || λ·p_t + (1 − λ)·p_s) = Σ_v p_t (log p_t − log(λ·p_t + (1 − λ)·p_s))
 
 ``skew`` (λ, default 0.1) must lie strictly inside (0, 1) (λ = 0 is plain forward KL: use
-``fkl``). The mixture is evaluated in log space (``logaddexp``), so the value is the true divergence up
-to float32 rounding (identical inputs give 0 to within ~1e-7). ``−inf`` columns (in both, or only in the teacher) contribute 0
-with finite gradients. No ``T²`` rescaling.
+``fkl``). The mixture is evaluated in log space (``logaddexp``), so the value is the true
+divergence up to float32 rounding (identical inputs give 0 within ≲ 3e-7). ``−inf`` columns
+(in both, or only in the teacher) contribute 0 with finite gradients. No ``T²`` rescaling.
 
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """

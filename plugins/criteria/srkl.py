@@ -5,10 +5,11 @@ With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the i
     SRKL_λ = KL(p_s || (1 − λ)·p_t + λ·p_s) = Σ_v p_s (log p_s − log((1 − λ)·p_t + λ·p_s))
 
 ``skew`` (λ, default 0.1) must lie strictly inside (0, 1) (λ = 0 is plain reverse KL: use
-``rkl``). The mixture is evaluated in log space (``logaddexp``), so the value is the true divergence up
-to float32 rounding (identical inputs give 0 to within ~1e-7). Because the mixture contains ``λ·p_s``, columns that are ``−inf``
-only in the teacher keep a finite, true value (unlike ``rkl``); columns ``−inf`` in both
-contribute 0. Gradients stay finite. No ``T²`` rescaling.
+``rkl``). The mixture is evaluated in log space (``logaddexp``), so the value is the true
+divergence up to float32 rounding (identical inputs give 0 within ≲ 3e-7). Because the mixture
+contains ``λ·p_s``, columns that are ``−inf`` only in the teacher keep a finite, true value
+(unlike ``rkl``); columns ``−inf`` in both contribute 0. Gradients stay finite. No ``T²``
+rescaling.
 
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """
