@@ -67,8 +67,9 @@ class ObjectiveConfig:
 
 @dataclass
 class TrainConfig:
-    """``train:`` optimisation, schedule and cadence. Steps are optimizer steps; ``0`` disables
-    a cadence; ``max_steps`` (if set) wins over ``epochs``."""
+    """``train:`` optimisation, schedule and cadence. Steps are optimizer steps; ``max_steps``
+    (if set) wins over ``epochs``. ``eval_every: 0`` evaluates once per epoch; ``save_every: 0``
+    saves at every evaluation; both also happen at the last step."""
 
     epochs: float = 1.0
     max_steps: Optional[int] = None

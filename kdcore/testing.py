@@ -56,8 +56,9 @@ What a criterion must satisfy (DESIGN.md, "Criterion contract"), one check each:
     logits with the column removed, ``ROW_RTOL``/``INF_ATOL``).
 
 Test distributions (:func:`make_logits`, :func:`make_pair`, :func:`distribution_pairs`; fixed
-seeds, student and teacher drawn independently): ``random`` (standard normal logits × 2), ``peaked`` (standard normal
-with one random logit +20 per row), ``near_uniform`` (standard normal × 1e-3).
+seeds, student and teacher drawn independently): ``random`` (standard normal logits × 2),
+``peaked`` (standard normal with one random logit +20 per row), ``near_uniform`` (standard
+normal × 1e-3).
 """
 
 from __future__ import annotations

@@ -391,13 +391,16 @@ class Trainer:
                 self.log("train", metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            eval_now = t.eval_every and self.step % t.eval_every == 0
-            end_of_epoch = self.step % max(self.plan.steps_per_epoch, 1) == 0 and not t.eval_every
-            if eval_now or end_of_epoch or self.step == self.total_steps:
+            last = self.step == self.total_steps
+            if t.eval_every:
+                evaluated = self.step % t.eval_every == 0 or last
+            else:  # once per epoch, as the DSKD recipe
+                evaluated = self.step % max(self.plan.steps_per_epoch, 1) == 0 or last
+            if evaluated:
                 last_eval = self.evaluate()
                 self.log("eval", last_eval)
-            if (t.save_every and self.step % t.save_every == 0) or self.step == self.total_steps:
-                self.save_checkpoint(last_eval if (eval_now or end_of_epoch or self.step == self.total_steps) else None)
+            if (t.save_every and self.step % t.save_every == 0) or (not t.save_every and evaluated) or last:
+                self.save_checkpoint(last_eval if evaluated else None)
             tick = time.perf_counter()
         bar.close()
         self.test_rouge_l("after")
