@@ -272,6 +272,9 @@ class Trainer:
         if not split:
             return
         examples = self.parts.task.examples(split)
+        if self.dist.is_main:
+            who = "student and teacher" if stage == "before" and self.parts.teacher_model is not None else "student"
+            log.info("ROUGE-L of the %s on the %s split (%d examples), %s training", who, split, len(examples), stage)
         path = self.out / "test_rouge.json"
         results = json.loads(path.read_text()) if path.is_file() else {"split": split}
         results[f"student_{stage}"] = self.rouge_l(self.parts.student_model, self.parts.student_tokenizer, examples, 6)
