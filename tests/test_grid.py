@@ -164,7 +164,12 @@ def test_shipped_gpt2_divergence_grid(monkeypatch):
         pytest.skip("configs/gpt2/vanilla-kd-fkl.yaml is not written yet")
     if "dual" not in kdcore.names("projector"):
         pytest.skip("the 'dual' projector is not registered yet")
-    grid.validate_runs(grid.load_grid(path), runs)
+    extra = []
+    if not Path("data/dolly/train.jsonl").is_file():  # the DSKD data is downloaded separately
+        extra = ["task.files={train: data/kdcore-instruct/train.jsonl, valid: data/kdcore-instruct/valid.jsonl, "
+                 "test: data/kdcore-instruct/test.jsonl}"]
+    g = grid.load_grid(path)
+    grid.validate_runs(g, grid.expand(g, extra))
 
 
 # ---------------------------------------------------------------------------------------------
