@@ -36,6 +36,8 @@ def xlogy_sum(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """``Σ_v p·log_ratio`` over the last dim, with 0·(anything) = 0.
 
     Columns where ``p == 0`` (masked or padded vocabulary, ``-inf`` logits) would otherwise give
-    ``0 · (-inf - -inf) = NaN``; ``torch.where`` also keeps their gradient at exactly zero.
+    ``0 · (-inf - -inf) = NaN``. The ratio is masked *before* the product, so that neither the
+    value nor the gradient with respect to ``p`` sees the NaN.
     """
-    return torch.where(p > 0, p * log_ratio, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+    safe = torch.where(p > 0, log_ratio, torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device))
+    return (p * safe).sum(-1)

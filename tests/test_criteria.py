@@ -18,10 +18,7 @@ from kdcore.testing import CHECKS, DISTRIBUTIONS, make_pair, run_check
 
 # Contract checks that fail because of a known bug outside this file's scope. strict=True: an
 # XPASS fails the run, so the entry must be removed once the bug is fixed.
-KNOWN_FAILURES = {
-    ("fkl", "teacher_gradients"): "fkl via kdcore.criterion.xlogy_sum: p·NaN log-ratio at columns −inf in both "
-                                  "gives 0·NaN = NaN teacher gradients (the where() comes after the product)",
-}
+KNOWN_FAILURES: dict = {}
 
 EPS32 = torch.finfo(torch.float32).eps
 N, V = 16, 1000
