@@ -29,7 +29,7 @@ def test_quickstart_distils_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     out = tmp_path / "qs"
     code = main(["--config", "configs/quickstart.yaml", f"run.output_dir={out}", "train.max_steps=12",
-                 "train.warmup_steps=2", "eval.max_examples=20", "train.save_every=0"])
+                 "train.warmup_steps=2", "eval.max_examples=20", "eval.test_split=null"])
     assert code == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
