@@ -34,7 +34,7 @@ def last_hidden(model, side: Dict[str, torch.Tensor]) -> torch.Tensor:
 class DistillModule(nn.Module):
     """Student + projector + aligner, computing the loss terms of one micro-batch."""
 
-    def __init__(self, student, projector, aligner, criterion, kd_weight: float, chunk_size: int, teacher=None):
+    def __init__(self, student, projector, aligner, criterion, kd_weight: float, chunk_size=None, teacher=None):
         super().__init__()
         self.student, self.projector, self.aligner = student, projector, aligner
         self.criterion, self.kd_weight, self.chunk_size = criterion, kd_weight, chunk_size

@@ -126,7 +126,13 @@ class Space:
         return self.student_hidden.shape[0]
 
 
-DEFAULT_CHUNK_SIZE = 1024
+CHUNK_ELEMENTS = 2**26  # logits elements per chunk by default: 256 MiB per fp32 [chunk, V] tensor
+
+
+def auto_chunk_rows(vocab_size: int) -> int:
+    """Default rows per chunk: a fixed budget of ``CHUNK_ELEMENTS`` logits, within [64, 4096]
+    (441 rows at V = 151,936; 1,335 at V = 50,257; 256 at V = 262,144)."""
+    return max(64, min(4096, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
 def _space_chunk(space: Space, hs: torch.Tensor, ht: torch.Tensor, labels: Optional[torch.Tensor],
@@ -172,8 +178,9 @@ def chunked(fn, tensors, chunk_size: int):
     return total
 
 
-def evaluate_space(space: Space, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
-    """Losses (sums over rows) and accuracy counts of one space.
+def evaluate_space(space: Space, chunk_size: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
+    """Losses (sums over rows) and accuracy counts of one space, ``chunk_size`` rows at a time
+    (default :func:`auto_chunk_rows` of the wider vocabulary).
 
     Returns ``losses`` with keys ``kd_<name>`` and, when requested, ``ce`` and the
     ``teacher_ce`` name; ``counts`` maps accuracy names to ``(correct, rows)``.
@@ -184,6 +191,7 @@ def evaluate_space(space: Space, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[
                     or space.mask_kd_by_teacher_accuracy or space.teacher_logit_map is not None)
     if needs_labels and space.labels is None:
         raise ValueError(f"space {space.name}: labels are required for CE/accuracy terms")
+    chunk_size = chunk_size or auto_chunk_rows(max(space.student_head.vocab_size, space.teacher_head.vocab_size))
     kd, s_ce, t_ce, s_ok, t_ok = chunked(
         lambda hs, ht, y, info: _space_chunk(space, hs, ht, y, info),
         [space.student_hidden, space.teacher_hidden, space.labels if needs_labels else None, space.row_info],
@@ -202,7 +210,8 @@ def evaluate_space(space: Space, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[
     return losses, counts
 
 
-def cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """``Σ_rows -log softmax(head(hidden))[label]``, chunked like the KD terms. hidden[N, h], labels[N]."""
+    chunk_size = chunk_size or auto_chunk_rows(head.vocab_size)
     (total,) = chunked(lambda h, y: (F.cross_entropy(head(h).float(), y, reduction="sum"),), [hidden, labels], chunk_size)
     return total

@@ -59,7 +59,7 @@ import time
 
 # Peak extra memory of the naive path (and of one chunk) in units of one [rows, V] float32
 # tensor: both logits plus the criterion's own temporaries and gradients, measured with this
-# script on CPU (fkl 8.3, rkl 7.3, jsd 11.8, skl 10.5, srkl 11.3, tvd 7.0, akl 9.5, ce 7.3) and
+# script on CPU (fkl 8.3, rkl 7.3, jsd 11.8, skl 10.5, srkl 10.5, tvd 7.0, akl 9.5, ce 7.3) and
 # rounded up; unknown criteria get a conservative 14.
 PEAK_MULTIPLE = {"fkl": 9, "rkl": 8, "jsd": 12.5, "skl": 11, "srkl": 12, "tvd": 8, "akl": 10, "ce": 8}
 DEFAULT_MULTIPLE = 14
@@ -129,7 +129,7 @@ def worker(args) -> dict:
         else:
             space = Space(name="student", student_hidden=hs, student_head=Head(w_s), teacher_hidden=ht,
                           teacher_head=Head(w_t, detach=True), criterion=criterion)
-            losses, _ = evaluate_space(space, chunk_size=args.chunk_size)
+            losses, _ = evaluate_space(space, chunk_size=args.chunk_size or None)
             loss = losses["kd_student"]
             del losses, space
         loss.backward()
@@ -177,7 +177,9 @@ def worker(args) -> dict:
 # -- driver ---------------------------------------------------------------------------------
 
 def estimate_bytes(criterion: str, mode: str, v: int, n: int, d: int, dt: int, chunk: int, dtype_bytes: int) -> int:
-    rows = n if mode == "naive" else min(chunk, n)
+    from kdcore.kdspace import auto_chunk_rows
+
+    rows = n if mode == "naive" else min(chunk or auto_chunk_rows(v), n)
     inputs = (v * (d + dt) + n * (d + dt)) * dtype_bytes
     return int(inputs + PEAK_MULTIPLE.get(criterion, DEFAULT_MULTIPLE) * rows * v * 4 + 400 * MiB)
 
@@ -206,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--criteria", nargs="+", default=None, help="criterion names (default: all registered)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the median is shown")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the chunked path")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="rows per chunk of the chunked path (0: the engine default, kdcore.kdspace.auto_chunk_rows(V))")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="dtype of hidden states and heads (criteria compute in float32)")
     parser.add_argument("--train-head", action="store_true", help="the student head W_s also requires grad")

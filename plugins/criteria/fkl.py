@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
+from kdcore.errors import ConfigError
 from kdcore.criterion import tempered_log_probs, xlogy_sum
 
 
@@ -18,7 +19,7 @@ class ForwardKL(Criterion):
 
     def __init__(self, temperature: float = 1.0):
         if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

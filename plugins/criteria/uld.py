@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore import Criterion, hookimpl
+from kdcore.errors import ConfigError
 
 
 class ULD(Criterion):
@@ -21,7 +22,7 @@ class ULD(Criterion):
 
     def __init__(self, temperature: float = 1.0):
         if temperature <= 0:
-            raise ValueError("temperature must be > 0")
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
