@@ -27,6 +27,15 @@ class Criterion:
         return f"{type(self).__name__}({knobs})"
 
 
+def positive_temperature(criterion: str, temperature: float) -> float:
+    """``temperature`` if it is > 0, else a config error naming the criterion."""
+    from .errors import ConfigError
+
+    if not temperature > 0:
+        raise ConfigError(f"criterion '{criterion}': temperature must be > 0, got {temperature}")
+    return temperature
+
+
 def tempered_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``log_softmax(logits / T)`` in float32 whatever the input dtype. ``-inf`` columns stay ``-inf``."""
     return torch.log_softmax(logits.float() / temperature, dim=-1)

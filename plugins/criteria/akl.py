@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
+from kdcore.criterion import positive_temperature, tempered_log_probs
 from kdcore.errors import ConfigError
 
 
@@ -54,11 +54,9 @@ class AdaptiveKL(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'akl': temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"criterion 'akl': alpha must be in [0, 1], got {alpha}")
-        self.temperature = temperature
+        self.temperature = positive_temperature(self.name, temperature)
         self.alpha = alpha
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

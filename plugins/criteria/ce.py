@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
-from kdcore.errors import ConfigError
+from kdcore.criterion import positive_temperature, tempered_log_probs
 
 
 class SoftCrossEntropy(Criterion):
@@ -27,9 +26,7 @@ class SoftCrossEntropy(Criterion):
     zero_on_identical = False  # CE(p, p) = H(p)
 
     def __init__(self, temperature: float = 1.0):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'ce': temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = positive_temperature("ce", temperature)
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         log_p_s = tempered_log_probs(student_logits, self.temperature)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.errors import ConfigError
-from kdcore.criterion import tempered_log_probs, xlogy_sum
+from kdcore.criterion import positive_temperature, tempered_log_probs, xlogy_sum
 
 
 class ForwardKL(Criterion):
@@ -18,9 +17,7 @@ class ForwardKL(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0):
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = positive_temperature(self.name, temperature)
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         log_p_s = tempered_log_probs(student_logits, self.temperature)

@@ -25,7 +25,7 @@ import math
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
+from kdcore.criterion import positive_temperature, tempered_log_probs
 from kdcore.errors import ConfigError
 
 
@@ -61,11 +61,9 @@ class JensenShannon(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0, beta: float = 0.5):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'jsd': temperature must be > 0, got {temperature}")
         if not 0.0 < beta < 1.0:
             raise ConfigError(f"criterion 'jsd': beta must be in (0, 1) (the teacher's weight), got {beta}")
-        self.temperature = temperature
+        self.temperature = positive_temperature(self.name, temperature)
         self.beta = beta
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
-from kdcore.errors import ConfigError
+from kdcore.criterion import positive_temperature, tempered_log_probs
 
 
 class ReverseKL(Criterion):
@@ -27,9 +26,7 @@ class ReverseKL(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'rkl': temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = positive_temperature("rkl", temperature)
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         log_p_s = tempered_log_probs(student_logits, self.temperature)

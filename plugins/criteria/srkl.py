@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
+from kdcore.criterion import positive_temperature, tempered_log_probs
 from kdcore.errors import ConfigError
 from kdcore_plugins.criteria.jsd import log_mixture, weighted_log_ratio_sum
 
@@ -31,11 +31,9 @@ class SkewReverseKL(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0, skew: float = 0.1):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'srkl': temperature must be > 0, got {temperature}")
         if not 0.0 < skew < 1.0:
             raise ConfigError(f"criterion 'srkl': skew must be in (0, 1), got {skew}")
-        self.temperature = temperature
+        self.temperature = positive_temperature(self.name, temperature)
         self.skew = skew
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

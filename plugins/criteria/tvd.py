@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdcore import Criterion, hookimpl
-from kdcore.criterion import tempered_log_probs
-from kdcore.errors import ConfigError
+from kdcore.criterion import positive_temperature, tempered_log_probs
 
 
 class TotalVariation(Criterion):
@@ -23,9 +22,7 @@ class TotalVariation(Criterion):
     same_vocab = True
 
     def __init__(self, temperature: float = 1.0):
-        if not temperature > 0:
-            raise ConfigError(f"criterion 'tvd': temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = positive_temperature("tvd", temperature)
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         p_s = tempered_log_probs(student_logits, self.temperature).exp()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore import Criterion, hookimpl
-from kdcore.errors import ConfigError
+from kdcore.criterion import positive_temperature
 
 
 class ULD(Criterion):
@@ -21,9 +21,7 @@ class ULD(Criterion):
     same_vocab = False
 
     def __init__(self, temperature: float = 1.0):
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        self.temperature = positive_temperature(self.name, temperature)
 
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         p_s = torch.softmax(student_logits.float() / self.temperature, -1).sort(-1, descending=True).values
