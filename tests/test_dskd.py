@@ -269,3 +269,38 @@ def test_shipped_tiny_configs_train(repo_like_cwd, monkeypatch):
         assert main(["--config", str(path), f"run.output_dir={out}", "train.max_steps=2", "train.eval_at_start=false",
                      "eval.max_examples=4"]) == 0, path
         assert (out / "final" / "config.json").is_file()
+
+
+def tiny_layout(arch, tokenizer, seed=0):
+    """A tiny random model of a given HF family sized to ``tokenizer``."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config
+
+    from kdcore.tiny import tiny_causal_lm
+
+    specials = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=tokenizer.bos_token_id)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    if arch in ("gpt2", "llama"):
+        return tiny_causal_lm(tokenizer, arch=arch, hidden=32, layers=2, seed=seed)
+    cfg = {"qwen2": Qwen2Config, "mistral": MistralConfig}.get(arch)
+    cfg = cfg(**dims, **specials) if cfg else Gemma3TextConfig(**dims, head_dim=8, **specials)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "mistral", "gemma3"])
+def test_dskd_cma_works_for_every_family_as_teacher_and_student(pair, examples, arch):
+    """DSKD-CMA with a teacher and then a student of each layout; embeddings and heads are found
+    through get_input_embeddings / get_output_embeddings only."""
+    t_tok, s_tok = pair["teacher"][0], pair["student"][0]
+    for role in ("teacher", "student"):
+        teacher = tiny_layout(arch, t_tok) if role == "teacher" else pair["teacher"][1]
+        student = tiny_layout(arch, s_tok, seed=1) if role == "student" else tiny_layout("llama", s_tok, seed=1)
+        freeze(teacher)
+        local = {"teacher": (t_tok, teacher), "student": (s_tok, student)}
+        module, _ = make_module(local, "cma", "dual", "fkl")
+        module.aligner.mask_kd_by_teacher_accuracy = False
+        loss, terms, _ = module(batch_for(local, module, examples))
+        loss.backward()
+        assert torch.isfinite(loss) and terms["kd_teacher"] > 0 and terms["kd_student"] > 0, (arch, role)
+        assert module.projector.s2t.weight.grad is not None and module.aligner.query.weight.grad is not None
