@@ -146,16 +146,17 @@ class Config:
         return self.objective.kd_weight > 0
 
 
-def read_yaml(path) -> Dict[str, Any]:
+def read_yaml(path, what: str = "config", top_level: str = "of sections", error=ConfigError) -> Dict[str, Any]:
+    """A YAML file whose top level is a mapping; ``error`` (a ConfigError) names the problem."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise error(f"{what} file not found: {p}")
     try:
         data = load_yaml(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        raise error(f"{p}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raise error(f"{p}: the top level must be a mapping {top_level}")
     return data
 
 

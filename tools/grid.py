@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from kdcore.config import apply_overrides, dump, load_yaml, parse_override, validate
+from kdcore.config import apply_overrides, dump, load_yaml, parse_override, read_yaml, validate
 from kdcore.console import run_command
 from kdcore.errors import ConfigError, KdcoreError, suggest
 
@@ -119,14 +119,7 @@ def load_grid(path, output_root=None, check_base: bool = True) -> Grid:
     """Read and check a grid file (its structure and the base path; runs are not validated).
     ``check_base=False`` accepts a base config that does not exist (expansion only)."""
     p = Path(path)
-    if not p.is_file():
-        raise GridError(f"grid file not found: {p}")
-    try:
-        data = load_yaml(p.read_text())
-    except yaml.YAMLError as exc:
-        raise GridError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise GridError(f"{p}: the top level must be a mapping with 'base' and 'axes'")
+    data = read_yaml(p, what="grid", top_level="with 'base' and 'axes'", error=GridError)
     for key in data:
         if key not in GRID_KEYS:
             raise GridError(f"{p}: unknown key '{key}'.{suggest(key, GRID_KEYS)} Accepted keys: {', '.join(GRID_KEYS)}")
