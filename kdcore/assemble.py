@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .config import Config
 from .errors import ConfigError, ModelError, ModelUnavailable
+from .kinds import kinds
 from .models import freeze, load_model, load_model_config, load_tokenizer, same_tokenizer
 from .registry import get_registry
 
@@ -20,16 +21,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Components:
-    task: Any
-    criterion: Any
-    projector: Any
-    aligner: Any
+    """What a run is made of: the built component of every kind (``by_kind``; the kinds the
+    engine itself drives are also attributes), tokenizers and models."""
+
+    by_kind: Dict[str, Any]
     student_tokenizer: Any
     teacher_tokenizer: Any = None
     student_model: Any = None
     teacher_model: Any = None
     shared_tokenizer: bool = True
-    tuner: Any = None
+
+    def __getattr__(self, name: str):
+        by_kind = self.__dict__.get("by_kind") or {}
+        if name in by_kind:
+            return by_kind[name]
+        raise AttributeError(f"Components has no attribute or kind {name!r}")
+
+    def instances(self) -> List[Any]:
+        """Every built component (lists of ``many`` kinds flattened): the run's hook plugins."""
+        out = []
+        for value in self.by_kind.values():
+            out.extend(value if isinstance(value, list) else [value] if value is not None else [])
+        return out
 
 
 def side_context(prefix: str, tokenizer, model=None, hf_config=None) -> Dict[str, Any]:
@@ -46,21 +59,46 @@ def side_context(prefix: str, tokenizer, model=None, hf_config=None) -> Dict[str
             f"{prefix}_model_config": hf_config}
 
 
+# Built before any model is loaded: the task (its data is checked first) and the tuner (applied
+# to the student as soon as it is loaded, before anything else draws random numbers).
+BEFORE_MODELS = ("task", "tuner")
+
+
+def build_kinds(specs: Mapping[str, Any], context: Dict[str, Any], only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Build the component(s) of every kind in table order (:mod:`kdcore.kinds`), or of the
+    kinds in ``only``; kinds already in ``context`` are reused. Each built component joins
+    ``context`` under its kind's name, so later kinds may ask for it (a projector's
+    ``criterion``)."""
+    built: Dict[str, Any] = {}
+    for kind in kinds():
+        if only is not None and kind.name not in only:
+            continue
+        if kind.name in context:
+            built[kind.name] = context[kind.name]
+            continue
+        node = specs.get(kind.name)
+        if isinstance(node, list):
+            built[kind.name] = [s.build(**context) for s in node]
+        else:
+            built[kind.name] = node.build(**context) if node is not None else None
+        context[kind.name] = built[kind.name]
+    return built
+
+
 def build_plugins(cfg_criterion, cfg_projector, cfg_aligner, context: Dict[str, Any]):
-    """(criterion, projector, aligner) built with engine context; the projector sees the criterion."""
-    criterion = cfg_criterion.build(**context)
-    context = {**context, "criterion": criterion}
-    return criterion, cfg_projector.build(**context), cfg_aligner.build(**context)
+    """(criterion, projector, aligner) built with engine context, as :func:`build_kinds` does."""
+    built = build_kinds({"criterion": cfg_criterion, "projector": cfg_projector, "aligner": cfg_aligner},
+                        dict(context))
+    return built["criterion"], built["projector"], built["aligner"]
 
 
 def build_components(cfg: Config, load_weights: bool = True) -> Components:
     """Everything the trainer needs. Raises :class:`KdcoreError` subclasses on bad input."""
-    task = cfg.task.build()
-    task.check()
-    student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
-    tuner = cfg.tuner.build()
-    student_model = tuner.apply(load_model(cfg.student)) if load_weights else None
     context: Dict[str, Any] = {"seed": cfg.run.seed}
+    build_kinds(cfg.components, context, only=("task",))["task"].check()
+    build_kinds(cfg.components, context, only=BEFORE_MODELS)
+    student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
+    student_model = context["tuner"].apply(load_model(cfg.student)) if load_weights else None
     context.update(side_context("student", student_tok, student_model,
                                 None if load_weights else load_model_config(cfg.student)))
     teacher_tok = teacher_model = None
@@ -73,12 +111,11 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
             freeze(teacher_model)
         context.update(side_context("teacher", teacher_tok, teacher_model,
                                     None if load_weights else load_model_config(cfg.teacher)))
-    criterion, projector, aligner = build_plugins(cfg.criterion, cfg.projector, cfg.aligner, context)
+    built = build_kinds(cfg.components, context)
     if cfg.uses_teacher:
-        check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared,
+        check_pair(built["criterion"], built["projector"], built["aligner"], student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
-    return Components(task, criterion, projector, aligner, student_tok, teacher_tok, student_model, teacher_model,
-                      shared, tuner)
+    return Components(built, student_tok, teacher_tok, student_model, teacher_model, shared)
 
 
 def check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared: bool,
@@ -122,13 +159,27 @@ def validate_models(cfg: Config) -> List[str]:
     return notes
 
 
+def write_run_files(cfg: Config, out) -> None:
+    """``config.yaml`` (the resolved config) and ``plugins.json`` (:func:`plugin_manifest`)."""
+    import json
+    from pathlib import Path
+
+    from .config import dump
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump(cfg.resolved))
+    (out / "plugins.json").write_text(json.dumps(plugin_manifest(cfg), indent=2))
+
+
 def plugin_manifest(cfg: Config) -> Dict[str, Any]:
     """Which plugins were available and which this run used, with their providers."""
     reg = get_registry()
-    used = {c.kind: c.name for c in (cfg.task, cfg.criterion, cfg.projector, cfg.aligner)}
-    return {
-        "used": {kind: {"name": name, "provider": reg.get(kind, name).provider, "version": reg.get(kind, name).version,
-                        "module": reg.get(kind, name).module} for kind, name in used.items()},
-        "available": [{"kind": e.kind, "name": e.name, "provider": e.provider, "version": e.version, "module": e.module}
-                      for kind in reg.kinds() for e in reg.entries(kind)],
-    }
+    used = {}
+    for kind, value in cfg.components.items():
+        specs = value if isinstance(value, list) else [value] if value is not None else []
+        rows = [{"name": s.name, "provider": s.entry.provider, "version": s.entry.version, "module": s.entry.module}
+                for s in specs]
+        if rows:
+            used[kind] = rows if isinstance(value, list) else rows[0]
+    return {"used": used, "available": reg.manifest()}

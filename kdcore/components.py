@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping
 
 from .errors import ConfigError
 from .registry import Entry, get_registry
-from .schema import check_mapping, fields_of, missing_context
+from .schema import check_mapping, context_names, fields_of, missing_context
 
 
 @dataclass
@@ -25,16 +25,13 @@ class ComponentSpec:
 
     def config_node(self) -> Dict[str, Any]:
         """The resolved node as it would be written in YAML (defaults filled, no context)."""
-        from .schema import CONTEXT_NAMES
-
-        return {"name": self.name, **{k: v for k, v in self.kwargs.items() if k not in CONTEXT_NAMES}}
+        names = context_names()
+        return {"name": self.name, **{k: v for k, v in self.kwargs.items() if k not in names}}
 
     def build(self, **context):
-        from .schema import CONTEXT_NAMES
-
-        fields = fields_of(self.entry.cls)
+        fields, names = fields_of(self.entry.cls), context_names()
         kwargs = dict(self.kwargs)
-        kwargs.update({k: v for k, v in context.items() if k in fields and k in CONTEXT_NAMES})
+        kwargs.update({k: v for k, v in context.items() if k in fields and k in names})
         missing = missing_context(fields, kwargs)
         if missing:
             raise ConfigError(f"{self.where} '{self.name}' needs engine context {', '.join(missing)} to be built")

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 
-from .components import ComponentSpec, spec
+from .components import spec
 from .errors import ConfigError, suggest
 from .models import ModelConfig
+from .kinds import by_config_key, kinds
 from .registry import load_plugins
 from .schema import check_section
 
@@ -117,14 +118,22 @@ class EvalConfig:
 
 SECTIONS = {"run": RunConfig, "objective": ObjectiveConfig, "train": TrainConfig, "eval": EvalConfig}
 MODEL_SECTIONS = ("teacher", "student")
-COMPONENTS = {"task": "task", "criterion": "criterion", "projector": "projector", "aligner": "aligner"}
-COMPONENT_DEFAULTS = {"criterion": "fkl", "projector": "none", "aligner": "identity"}
-TOP_LEVEL = ["schema_version", "plugins", *SECTIONS, *MODEL_SECTIONS, *COMPONENTS]
+
+
+def top_level_keys() -> List[str]:
+    """Keys a config may have at the top: sections, model sections and top-level kind keys."""
+    kind_keys = [k.config_key for k in kinds() if k.config_key and "." not in k.config_key]
+    return ["schema_version", "plugins", *SECTIONS, *MODEL_SECTIONS, *kind_keys]
 
 
 @dataclass
 class Config:
-    """A fully validated experiment. ``resolved`` is the YAML-able dict with defaults filled."""
+    """A fully validated experiment. ``resolved`` is the YAML-able dict with defaults filled.
+
+    ``components`` maps each plugin kind (:mod:`kdcore.kinds`) to its validated
+    :class:`ComponentSpec` (a list for ``many`` kinds, ``None`` when not configured); they are
+    also attributes: ``cfg.criterion``, ``cfg.task``, ``cfg.tuner``, ...
+    """
 
     run: RunConfig
     objective: ObjectiveConfig
@@ -132,14 +141,16 @@ class Config:
     eval: EvalConfig
     student: ModelConfig
     teacher: Optional[ModelConfig]
-    task: ComponentSpec
-    criterion: ComponentSpec
-    projector: ComponentSpec
-    aligner: ComponentSpec
-    tuner: ComponentSpec
+    components: Dict[str, Any]
     plugins: List[str]
     resolved: Dict[str, Any]
     source: Optional[str] = None
+
+    def __getattr__(self, name: str):
+        components = self.__dict__.get("components") or {}
+        if name in components:
+            return components[name]
+        raise AttributeError(f"Config has no attribute or component kind {name!r}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -184,7 +195,7 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]
         node = out
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
-            if isinstance(child, str) and ".".join(path[: i + 1]) in COMPONENTS:
+            if isinstance(child, str) and ".".join(path[: i + 1]) in by_config_key():
                 child = {"name": child}
             elif child is None:
                 child = {}
@@ -204,40 +215,22 @@ def load_config(path, overrides: Optional[List[str]] = None) -> Config:
 def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
     """Check every section and component of a raw config dict; load no weights."""
     raw = copy.deepcopy(raw)
-    for key in raw:
-        if key not in TOP_LEVEL:
-            raise ConfigError(f"unknown top-level key '{key}'.{suggest(key, TOP_LEVEL)} Sections: {', '.join(TOP_LEVEL)}")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ConfigError(f"schema_version: expected {SCHEMA_VERSION}, got {version!r} (add 'schema_version: 1' at the top)")
     plugins = raw.get("plugins") or []
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError("plugins: expected a list of module names")
-    load_plugins(plugins)
-
-    sections = {}
-    for name, cls in SECTIONS.items():
-        node = raw.get(name) or {}
-        if not isinstance(node, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {type(node).__name__}")
-        sections[name] = check_section(cls, node, name)
-
-    models = {}
-    for name in MODEL_SECTIONS:
-        node = raw.get(name)
-        if node is None:
-            models[name] = None
-            continue
-        if isinstance(node, str):
-            node = {"path": node}
-        if not isinstance(node, dict):
-            raise ConfigError(f"{name}: expected a mapping with 'path' (or a path string)")
-        models[name] = check_section(ModelConfig, node, name)
+    load_plugins(plugins)  # first: a plugin may add a kind, and with it a config key
+    allowed = top_level_keys()
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"unknown top-level key '{key}'.{suggest(key, allowed)} Sections: {', '.join(allowed)}")
+    nodes = _pop_component_nodes(raw)
+    sections = {name: _section(raw, name, cls) for name, cls in SECTIONS.items()}
+    models = {name: _model_section(raw, name) for name in MODEL_SECTIONS}
     if models["student"] is None:
         raise ConfigError("student: missing section (a model path is required)")
-    if models["teacher"] is not None and models["teacher"].tuner is not None:
-        raise ConfigError("teacher.tuner: the teacher is frozen; only the student takes a tuner")
-    tuner = spec("tuner", models["student"].tuner or "full", where="student.tuner")
     if sections["objective"].kd_weight > 0 and models["teacher"] is None:
         raise ConfigError("teacher: missing section; it is required when objective.kd_weight > 0 (use kd_weight: 0 for SFT)")
     if not 0 <= sections["objective"].kd_weight <= 1:
@@ -247,20 +240,85 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError("eval.select_by: 'rouge_l' needs eval.generate: true")
     if sections["eval"].generate and not sections["eval"].seeds:
         raise ConfigError("eval.seeds: give at least one seed for dev generation")
-
-    if raw.get("task") is None:
-        raise ConfigError("task: missing section (e.g. {name: instruction, data_dir: ...})")
-    comps = {name: spec(kind, raw.get(name) or COMPONENT_DEFAULTS[name], where=name) for name, kind in COMPONENTS.items()}
+    components = {k.name: _component(k, nodes.get(k.config_key)) for k in kinds() if k.config_key}
 
     resolved: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "plugins": plugins}
     for name in SECTIONS:
         resolved[name] = dataclasses.asdict(sections[name])
     for name in MODEL_SECTIONS:
         resolved[name] = dataclasses.asdict(models[name]) if models[name] else None
-    resolved["student"]["tuner"] = tuner.config_node()
-    for name, c in comps.items():
-        resolved[name] = c.config_node()
-    return Config(**sections, **models, **comps, tuner=tuner, plugins=plugins, resolved=resolved, source=source)
+    for k in kinds():
+        if k.config_key and components[k.name] is not None:
+            node = [c.config_node() for c in components[k.name]] if k.many else components[k.name].config_node()
+            _put(resolved, k.config_key, node)
+    return Config(**sections, **models, components=components, plugins=plugins, resolved=resolved, source=source)
+
+
+def _pop_component_nodes(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Take every kind's component node(s) out of ``raw`` (top-level keys and keys inside
+    sections), so that sections are validated without them. A kind key inside the wrong
+    section (``teacher.tuner``) is an error naming the right place."""
+    nodes = {}
+    by_key = {k.key: k for k in kinds() if k.section}
+    for k in kinds():
+        if not k.config_key:
+            continue
+        if k.section is None:
+            nodes[k.config_key] = raw.pop(k.config_key, None)
+        elif isinstance(raw.get(k.section), dict):
+            nodes[k.config_key] = raw[k.section].pop(k.key, None)
+    for section in [*SECTIONS, *MODEL_SECTIONS]:
+        node = raw.get(section)
+        if isinstance(node, dict):
+            for key in node:
+                if key in by_key:
+                    kind = by_key[key]
+                    raise ConfigError(f"{section}.{key}: not accepted here; {kind.name} components go in "
+                                      f"'{kind.config_key}'")
+    return nodes
+
+
+def _section(raw: Dict[str, Any], name: str, cls):
+    node = raw.get(name) or {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(node).__name__}")
+    return check_section(cls, node, name)
+
+
+def _model_section(raw: Dict[str, Any], name: str) -> Optional[ModelConfig]:
+    node = raw.get(name)
+    if node is None:
+        return None
+    if isinstance(node, str):
+        node = {"path": node}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{name}: expected a mapping with 'path' (or a path string)")
+    return check_section(ModelConfig, node, name)
+
+
+def _component(kind, node):
+    """The validated spec(s) of one kind's config node (its default when absent)."""
+    where = kind.config_key
+    if node is None:
+        node = kind.default
+    if node is None:
+        if kind.required:
+            raise ConfigError(f"{where}: missing section (a {kind.name} component, e.g. {{name: ...}})")
+        return [] if kind.many else None
+    if not kind.many:
+        return spec(kind.name, node, where=where)
+    if not isinstance(node, list):
+        raise ConfigError(f"{where}: expected a list of {kind.name} components")
+    return [spec(kind.name, item, where=f"{where}[{i}]") for i, item in enumerate(node)]
+
+
+def _put(tree: Dict[str, Any], dotted: str, value) -> None:
+    section, _, key = dotted.rpartition(".")
+    node = tree
+    if section:
+        node = tree.setdefault(section, {}) or {}
+        tree[section] = node
+    node[key] = value
 
 
 def _check_train(t: TrainConfig) -> None:

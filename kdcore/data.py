@@ -175,3 +175,70 @@ def eval_batches(num_examples: int, batch_size: int, world_size: int = 1, rank: 
 
 def steps_for(num_examples: int, global_batch: int, epochs: float) -> int:
     return int(math.floor(num_examples / global_batch * epochs))
+
+
+class RunData:
+    """The encoded train and eval sets of a run and the order in which this rank sees them.
+
+    ``train_set``/``eval_set`` are :class:`PairDataset` s (teacher side encoded only when the
+    tokenizers differ; the aligner's ``pair_features`` run in the data-loader workers);
+    ``global_batch = micro_batch_size × grad_accum × world_size``.
+    """
+
+    def __init__(self, task, parts, train_cfg, eval_cfg, uses_teacher: bool, dist, seed: int):
+        self.seed = seed
+        teacher_tok = None if parts.shared_tokenizer else parts.teacher_tokenizer
+        features = parts.aligner.pair_features if uses_teacher else None
+
+        def encoded(examples) -> PairDataset:
+            return PairDataset(examples, parts.student_tokenizer, teacher_tok, task.max_length,
+                               task.max_prompt_length, features)
+
+        self.train_set = encoded(task.examples("train"))
+        eval_examples = task.examples(eval_cfg.split)
+        self.eval_set = encoded(eval_examples[: eval_cfg.max_examples] if eval_cfg.max_examples else eval_examples)
+        self.collate = Collator(pad_id(parts.student_tokenizer), pad_id(teacher_tok) if teacher_tok else None)
+        self.train_cfg, self.eval_batch_size, self.dist = train_cfg, eval_cfg.batch_size, dist
+        self.global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum * dist.world_size
+
+    def total_steps(self, max_steps: Optional[int], epochs: float) -> int:
+        """``max_steps``, else ``floor(train examples / global batch × epochs)``; fewer than one
+        global batch of training examples is a :class:`DataError`."""
+        total = max_steps or steps_for(len(self.train_set), self.global_batch, epochs)
+        if total < 1:
+            from .errors import DataError
+
+            raise DataError(f"the train split has {len(self.train_set)} examples, fewer than one global batch "
+                            f"of {self.global_batch}; lower train.micro_batch_size or grad_accum")
+        return total
+
+    def plan(self, start_step: int = 0, max_steps: Optional[int] = None) -> GlobalBatchPlan:
+        t = self.train_cfg
+        return GlobalBatchPlan(len(self.train_set), t.micro_batch_size, t.grad_accum, self.dist.world_size,
+                               self.dist.rank, seed=self.seed, start_step=start_step, max_steps=max_steps)
+
+    def steps(self, start_step: int, max_steps: int) -> Iterator[List[Dict]]:
+        """This rank's collated micro-batches, one list of ``grad_accum`` per optimizer step."""
+        loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=self.plan(start_step, max_steps),
+                                             collate_fn=self.collate, num_workers=self.train_cfg.num_workers,
+                                             persistent_workers=False)
+        micro: List[Dict] = []
+        for batch in loader:
+            micro.append(batch)
+            if len(micro) == self.train_cfg.grad_accum:
+                yield micro
+                micro = []
+
+    def micro_batches(self, step: int) -> List[Dict]:
+        """This rank's collated micro-batches of global ``step`` (what :meth:`steps` yields)."""
+        return [self.collate([self.train_set[i] for i in idx]) for idx in self.plan().micro_batches(step)]
+
+    def eval_batches(self) -> Iterator[Dict]:
+        """This rank's collated evaluation batches (every example on exactly one rank)."""
+        for idx in eval_batches(len(self.eval_set), self.eval_batch_size, self.dist.world_size, self.dist.rank):
+            yield self.collate([self.eval_set[i] for i in idx])
+
+
+def response_tokens(batch) -> int:
+    """Student response tokens of a collated batch: the normaliser of every loss term."""
+    return int(batch["student"]["labels"].ne(IGNORE).sum())

@@ -9,7 +9,7 @@ unit DDP wraps and checkpoints save); the teacher is held outside it (frozen, ne
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Mapping, NamedTuple, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -17,6 +17,31 @@ from torch import nn
 from .kdspace import Head, ModelSide, cross_entropy_sum, evaluate_space
 
 CE = "ce"
+LOSS = "loss"
+T = TypeVar("T")
+
+
+def objective(terms: Mapping[str, T], kd_weight: float, zero=0.0) -> T:
+    """``(1 − α)·terms[CE] + α·Σ_{k ≠ CE} terms[k]``: the one place the loss is combined, for the
+    summed terms of a micro-batch (tensors, ``zero`` a zero tensor) and for the logged means."""
+    kd_total = sum((v for k, v in terms.items() if k != CE), zero)
+    return (1.0 - kd_weight) * terms[CE] + kd_weight * kd_total
+
+
+def with_loss(metrics: Dict[str, float], term_names, kd_weight: float) -> Dict[str, float]:
+    """Reduced metrics plus ``loss``, the objective of the means of the loss terms."""
+    if CE in metrics:
+        metrics[LOSS] = objective({k: v for k, v in metrics.items() if k in term_names}, kd_weight)
+    return metrics
+
+
+class StepOutput(NamedTuple):
+    """One micro-batch: the weighted loss sum (with its graph), every term's sum (detached), and
+    ratio metrics ``{name: (numerator, denominator)}`` (accuracies as (correct, rows))."""
+
+    loss: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+    counts: Dict[str, Tuple[torch.Tensor, int]]
 
 
 def backbone(model):
@@ -39,6 +64,17 @@ class DistillModule(nn.Module):
         self.student, self.projector, self.aligner = student, projector, aligner
         self.criterion, self.kd_weight, self.chunk_size = criterion, kd_weight, chunk_size
         self._teacher = [teacher]  # a list so it is not registered as a submodule (no DDP, no checkpoint)
+
+    @classmethod
+    def for_run(cls, parts, objective_cfg, device) -> "DistillModule":
+        """The module of a run's components on ``device``; the teacher moves there too and the
+        projector and aligner see both loaded models once (``prepare``)."""
+        if parts.teacher_model is not None:
+            parts.teacher_model.to(device)
+            parts.projector.prepare(parts.student_model, parts.teacher_model)
+            parts.aligner.prepare(parts.student_model, parts.teacher_model)
+        return cls(parts.student_model, parts.projector, parts.aligner, parts.criterion, objective_cfg.kd_weight,
+                   objective_cfg.chunk_size, parts.teacher_model).to(device)
 
     @property
     def teacher(self):
@@ -72,9 +108,7 @@ class DistillModule(nn.Module):
             terms[CE] = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
         return terms, counts
 
-    def forward(self, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
-        """Returns (weighted loss sum with grad, detached term sums, accuracy counts)."""
+    def forward(self, batch) -> StepOutput:
         terms, counts = self.terms(batch)
-        kd_total = sum((v for k, v in terms.items() if k != CE), torch.zeros((), device=terms[CE].device))
-        loss = (1.0 - self.kd_weight) * terms[CE] + self.kd_weight * kd_total
-        return loss, {k: v.detach() for k, v in terms.items()}, counts
+        loss = objective(terms, self.kd_weight, zero=torch.zeros((), device=terms[CE].device))
+        return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, counts)

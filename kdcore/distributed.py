@@ -55,3 +55,23 @@ def barrier(info: DistInfo) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes train, else itself.
+    Unused parameters are searched for only when the module holds projector or aligner
+    parameters (a term that does not reach them in some step)."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    extra = any(True for _ in module.projector.parameters()) or any(True for _ in module.aligner.parameters())
+    return DDP(module, find_unused_parameters=extra, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """``train.precision`` -> the autocast dtype: bf16 when asked, or ``auto`` on a CUDA device
+    that supports it; ``None`` (fp32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None

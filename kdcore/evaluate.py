@@ -25,8 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
-from kdcore_tasks.instruction import read_jsonl, record_to_example
-
+from .instruct_format import read_jsonl, record_to_example
 from .errors import DataError, KdcoreError
 from .generate import GenerationSettings, default_device, generate
 from .rouge import rouge_l_scores
@@ -296,3 +295,57 @@ def score_file(path: Union[str, Path]) -> Dict[str, float]:
     if not preds:
         raise DataError(f"{path}: no predictions")
     return {"rougeL": mean_percent(rouge_l_scores(preds, refs)), "n": len(preds)}
+
+
+# ----------------------------------------------------------------------------- during training
+
+class TrainingRouge:
+    """ROUGE-L inside a training run: the dev ROUGE-L at each evaluation (``eval.generate``)
+    and, with ``eval.test_split``, the student's before and after training and the teacher's.
+
+    Rank 0 generates and shares the value with the other ranks (one all-reduce), under a forked
+    RNG so that evaluation never changes the training random stream. Sampling follows DSKD's
+    dev sampler (no n-gram block; the test protocol blocks 6-grams), or greedy decoding with
+    ``eval.greedy`` (one pass instead of one per seed).
+    """
+
+    def __init__(self, eval_cfg, task, dist, device):
+        self.cfg, self.task, self.dist, self.device = eval_cfg, task, dist, device
+
+    def score(self, model, tokenizer, examples: Sequence[Example], ngram_block: int = 0) -> float:
+        import torch
+
+        from .distributed import all_reduce_sum
+
+        e = self.cfg
+        value = torch.zeros(1, device=self.device)
+        if self.dist.is_main:
+            settings = GenerationSettings.dev(self.task.max_length, self.task.max_prompt_length,
+                                              batch_size=e.generate_batch_size, do_sample=not e.greedy,
+                                              no_repeat_ngram_size=ngram_block)
+            if e.max_new_tokens:
+                settings = settings.replace(max_new_tokens=e.max_new_tokens)
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                value += rouge_l_of(model, tokenizer, examples, settings, seeds=e.seeds[:1] if e.greedy else e.seeds)
+        return float(all_reduce_sum(value, self.dist).item())
+
+    def test_split(self, stage: str, parts, out_dir: Path) -> Optional[Dict[str, float]]:
+        """Student ROUGE-L on ``eval.test_split`` at ``stage`` (``before``/``after``), plus the
+        teacher's once (before); kept in ``out_dir/test_rouge.json``. Returns the record to log."""
+        split = self.cfg.test_split
+        if not split:
+            return None
+        examples = self.task.examples(split)
+        teacher = parts.teacher_model if stage == "before" else None
+        if self.dist.is_main:
+            who = "student and teacher" if teacher is not None else "student"
+            log.info("ROUGE-L of the %s on the %s split (%d examples), %s training", who, split, len(examples), stage)
+        path = Path(out_dir) / "test_rouge.json"
+        results = json.loads(path.read_text()) if path.is_file() else {"split": split}
+        results[f"student_{stage}"] = self.score(parts.student_model, parts.student_tokenizer, examples, 6)
+        if teacher is not None:
+            results["teacher"] = self.score(teacher, parts.teacher_tokenizer, examples, 6)
+        if self.dist.is_main:
+            path.write_text(json.dumps(results, indent=2))
+        return {k: v for k, v in results.items() if k != "split"}

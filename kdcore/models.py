@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import List, Literal, Optional
 
 import torch
 
@@ -38,7 +38,8 @@ class ModelConfig:
     dtype: weights dtype. keep_layers: for a student cut from a deeper model, the indices of
       the decoder layers to keep (in order). gradient_checkpointing: recompute activations.
     adapter: a PEFT adapter directory merged into the weights at load (an SFT'd LoRA teacher).
-    tuner: student only: which parameters train (``full`` by default, ``lora`` via peft).
+    The student section also takes ``tuner`` (a plugin kind: which parameters train, ``full``
+    by default), validated as a component (kdcore.kinds).
     """
 
     path: str
@@ -50,7 +51,6 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     adapter: Optional[str] = None
-    tuner: Optional[Union[str, Dict[str, Any]]] = None
 
 
 def cache_root() -> Path:

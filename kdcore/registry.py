@@ -3,9 +3,14 @@
 Plugins are modules holding ``@hookimpl`` registration hooks (see :mod:`kdcore.hookspecs`).
 They reach the registry in two ways, treated identically afterwards:
 
-* entry points of the ``kdcore`` group, from any installed distribution (the built-ins
-  come from kdcore's own setup.cfg), unless ``KDCORE_DISABLE_PLUGIN_AUTOLOAD=1``;
+* entry points of the ``kdcore`` group, from any installed distribution, unless
+  ``KDCORE_DISABLE_PLUGIN_AUTOLOAD=1``. An entry point names a module, or a *package*: then the
+  package and every public module inside it (not starting with ``_``, searched recursively)
+  are registered, so a new module needs no reinstall (kdcore's built-ins are the two entry
+  points ``kdcore_plugins`` and ``kdcore_tasks``);
 * modules named by a config's top-level ``plugins:`` list (imported by name).
+
+The kinds (and their hooks and base classes) come from :mod:`kdcore.kinds`.
 
 The registries are rebuilt from the hook implementations whenever the plugin set changes,
 so each ``register(cls)`` call knows which plugin module (and distribution) made it.
@@ -22,28 +27,10 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, suggest
+from .kinds import extra_hookspecs, get_kind, kinds
 
 ENTRY_POINT_GROUP = "kdcore"
 AUTOLOAD_ENV = "KDCORE_DISABLE_PLUGIN_AUTOLOAD"
-
-# kind -> registration hook name. Later kinds (targets, tuners, probes) are added here.
-KIND_HOOKS: Dict[str, str] = {
-    "criterion": "kdcore_register_criteria",
-    "projector": "kdcore_register_projectors",
-    "aligner": "kdcore_register_aligners",
-    "task": "kdcore_register_tasks",
-    "tuner": "kdcore_register_tuners",
-}
-
-
-def _base_class(kind: str):
-    from .aligner import Aligner
-    from .criterion import Criterion
-    from .projector import Projector
-    from .task import Task
-    from .tuner import Tuner
-
-    return {"criterion": Criterion, "projector": Projector, "aligner": Aligner, "task": Task, "tuner": Tuner}[kind]
 
 
 @dataclass(frozen=True)
@@ -67,6 +54,8 @@ class Registry:
     def __init__(self, autoload: Optional[bool] = None):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        for extra in extra_hookspecs():
+            self.pm.add_hookspecs(extra)
         self._providers: Dict[str, tuple] = {}  # plugin name -> (provider, version)
         self._tables: Optional[Dict[str, Dict[str, Entry]]] = None
         if autoload is None:
@@ -88,13 +77,15 @@ class Registry:
                     continue
                 try:
                     plugin = ep.load()
+                    modules = [(ep.name, plugin)] + list(_submodules(plugin, ep.name))
                 except Exception as exc:  # a broken package must say which one it is
                     raise PluginError(f"entry point '{ep.name} = {ep.value}' of {dist.name} {dist.version} "
-                                      f"cannot be imported: {exc}") from exc
-                if self.pm.is_registered(plugin):  # two entry points naming one module
-                    continue
-                self.pm.register(plugin, name=ep.name)
-                self._providers[ep.name] = (dist.name, dist.version)
+                                      f"cannot be imported: {_first_line(exc)}") from exc
+                for name, module in modules:
+                    if self.pm.is_registered(module):  # two entry points naming one module
+                        continue
+                    self.pm.register(module, name=name)
+                    self._providers[name] = (dist.name, dist.version)
         self._check()
         self._tables = None
 
@@ -103,10 +94,12 @@ class Registry:
         plugin_name = f"local:{module_name}"
         if self.pm.has_plugin(plugin_name):
             return
+        if not module_name or not all(part.isidentifier() for part in module_name.split(".")):
+            raise PluginError(f"plugins: {module_name!r} is not a module name")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise PluginError(f"plugins: cannot import module '{module_name}': {exc}") from exc
+        except Exception as exc:  # ImportError, SyntaxError, or anything the module raises
+            raise PluginError(f"plugins: cannot import module '{module_name}': {type(exc).__name__}: {_first_line(exc)}") from None
         if self.pm.is_registered(module):  # already known through an entry point
             return
         self.pm.register(module, name=plugin_name)
@@ -122,10 +115,11 @@ class Registry:
 
     # -- tables ------------------------------------------------------------------------
     def _build_tables(self) -> Dict[str, Dict[str, Entry]]:
-        tables: Dict[str, Dict[str, Entry]] = {kind: {} for kind in KIND_HOOKS}
-        for kind, hook_name in KIND_HOOKS.items():
-            base = _base_class(kind)
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        tables: Dict[str, Dict[str, Entry]] = {}
+        for k in kinds():
+            kind, base = k.name, k.base_class()
+            tables[kind] = {}
+            for impl in getattr(self.pm.hook, k.hook).get_hookimpls():
                 provider, version = self._providers.get(impl.plugin_name, ("local", ""))
                 module = getattr(impl.plugin, "__name__", impl.plugin_name)
 
@@ -157,7 +151,7 @@ class Registry:
         return self._tables
 
     def kinds(self) -> List[str]:
-        return list(KIND_HOOKS)
+        return [k.name for k in kinds()]
 
     def names(self, kind: str) -> List[str]:
         return sorted(self._table(kind))
@@ -173,9 +167,29 @@ class Registry:
         return table[name]
 
     def _table(self, kind: str) -> Dict[str, Entry]:
-        if kind not in KIND_HOOKS:
-            raise PluginError(f"unknown plugin kind '{kind}'.{suggest(kind, KIND_HOOKS)} Kinds: {', '.join(KIND_HOOKS)}")
+        get_kind(kind)  # an unknown kind is a PluginError naming the kinds
         return self.tables[kind]
+
+    def manifest(self) -> List[Dict[str, str]]:
+        """Every registered component of every kind with its provider (``--list-plugins``, plugins.json)."""
+        return [{"kind": e.kind, "name": e.name, "provider": e.provider, "version": e.version, "module": e.module}
+                for kind in self.kinds() for e in self.entries(kind)]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _submodules(package, prefix: str):
+    """``(plugin name, module)`` for every public module inside ``package`` (none for a module)."""
+    import pkgutil
+
+    if not hasattr(package, "__path__"):
+        return
+    for info in pkgutil.walk_packages(package.__path__, prefix=package.__name__ + "."):
+        if any(part.startswith("_") for part in info.name.split(".")):
+            continue
+        yield f"{prefix}:{info.name}", importlib.import_module(info.name)
 
 
 _REGISTRY: Optional[Registry] = None

@@ -36,6 +36,14 @@ CONTEXT_NAMES = frozenset(
 _MISSING = object()
 
 
+def context_names() -> frozenset:
+    """:data:`CONTEXT_NAMES` plus every plugin kind's name: a component may ask for the
+    component of an earlier kind (a projector's ``criterion``) by naming the kind."""
+    from .kinds import kind_names
+
+    return CONTEXT_NAMES | frozenset(kind_names())
+
+
 @dataclass(frozen=True)
 class Field:
     name: str
@@ -124,25 +132,10 @@ def check_value(value, annotation, where: str):
         if value is None:
             return None
         _fail(value, annotation, where)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        _fail(value, annotation, where)
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(value, annotation, where)
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        _fail(value, annotation, where)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        _fail(value, annotation, where)
-    if annotation is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
+    if annotation in _SCALARS:
+        accepts, convert = _SCALARS[annotation]
+        if accepts(value):
+            return convert(value)
         _fail(value, annotation, where)
     if annotation in (list, dict):
         if isinstance(value, annotation):
@@ -153,20 +146,35 @@ def check_value(value, annotation, where: str):
     return value
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# annotation -> (accepts(value), convert(value)); bools are not ints and ints become floats.
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), lambda v: v),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), lambda v: v),
+    float: (_is_number, float),
+    str: (lambda v: isinstance(v, str), lambda v: v),
+    Path: (lambda v: isinstance(v, (str, Path)), Path),
+}
+
+
 def _fail(value, annotation, where):
     shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
     raise ConfigError(f"{where}: expected {type_name(annotation)}, got {type(value).__name__} {shown}")
 
 
 def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context: Mapping | None = None,
-                  what: str = "", context_names=CONTEXT_NAMES) -> Dict[str, Any]:
+                  what: str = "", engine_keys=None) -> Dict[str, Any]:
     """Validate ``values`` against ``fields``; fill defaults and context. Returns kwargs.
 
     Context parameters missing from ``context`` are left out (the caller cannot construct
     the component yet, but every config value has been checked).
     """
     context = context or {}
-    config_fields = [n for n in fields if n not in context_names]
+    engine_keys = context_names() if engine_keys is None else engine_keys
+    config_fields = [n for n in fields if n not in engine_keys]
     accepted = ", ".join(config_fields) or "none"
     out: Dict[str, Any] = {}
     for key, value in values.items():
@@ -175,13 +183,13 @@ def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context
                 f"{where}: unknown key '{key}'{(' for ' + what) if what else ''}.{suggest(key, config_fields)} "
                 f"Accepted keys: {accepted}"
             )
-        if key in context_names:
+        if key in engine_keys:
             raise ConfigError(f"{where}.{key}: set by the engine from the models, not by the config")
         out[key] = check_value(value, fields[key].annotation, f"{where}.{key}")
     for name, field in fields.items():
         if name in out:
             continue
-        if name in context_names:
+        if name in engine_keys:
             if name in context:
                 out[name] = context[name]
             elif not field.required:
@@ -195,9 +203,10 @@ def check_mapping(fields: Dict[str, Field], values: Mapping, where: str, context
 
 def check_section(cls, values: Mapping, where: str):
     """Validate a config section (a dataclass) and return the instance."""
-    return cls(**check_mapping(fields_of(cls), values, where, context_names=frozenset()))
+    return cls(**check_mapping(fields_of(cls), values, where, engine_keys=frozenset()))
 
 
 def missing_context(fields: Dict[str, Field], kwargs: Mapping) -> list:
     """Context parameters a constructor needs that ``kwargs`` does not have yet."""
-    return [n for n, f in fields.items() if n in CONTEXT_NAMES and f.required and n not in kwargs]
+    names = context_names()
+    return [n for n, f in fields.items() if n in names and f.required and n not in kwargs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 
@@ -20,3 +21,10 @@ class Tuner:
 
     def save_extra(self, model, directory) -> None:
         """Write tuner-specific files next to the final model (e.g. the LoRA adapter)."""
+
+    def save_student(self, model, directory: Path, final: bool) -> None:
+        """Write the student into ``directory``: ``final`` saves the exported plain model
+        (``final/``); otherwise (``best/`` during training) the model as it trains. Tuners whose
+        export would change the model being trained (merging LoRA) override this."""
+        self.save_extra(model, directory)
+        (self.export(model) if final else model).save_pretrained(directory)

@@ -21,7 +21,7 @@ def main(config_path: str, out_path: str, *overrides: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed()
     trainer = Trainer(load_config(config_path, list(overrides)), info)
-    trainer.accumulate(trainer.micro_batches(0))
+    trainer.accumulate(trainer.data.micro_batches(0))
     grads = {n: p.grad.detach().clone() for n, p in trainer.module.named_parameters() if p.grad is not None}
     trainer.optimizer_step()
     params = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}

@@ -85,8 +85,8 @@ def test_loss_is_normalised_by_global_tokens(make_config):
     path = make_config()
     big = trainer_for(path, "train.micro_batch_size=4", "train.grad_accum=1")
     small = trainer_for(path, "train.micro_batch_size=2", "train.grad_accum=2")
-    m_big = big.accumulate(big.micro_batches(0))
-    m_small = small.accumulate(small.micro_batches(0))
+    m_big = big.accumulate(big.data.micro_batches(0))
+    m_small = small.accumulate(small.data.micro_batches(0))
     assert m_big["ce"] == pytest.approx(m_small["ce"], rel=1e-5)
     assert m_big["kd_student"] == pytest.approx(m_small["kd_student"], rel=1e-4)
     grads = lambda t: {n: p.grad for n, p in t.module.named_parameters() if p.grad is not None}
@@ -114,7 +114,7 @@ def test_two_process_gloo_ddp_matches_single_process(make_config, tmp_path):
         assert p.returncode == 0, out
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     single = trainer_for(path, "train.micro_batch_size=2", "train.grad_accum=2")
-    single.accumulate(single.micro_batches(0))
+    single.accumulate(single.data.micro_batches(0))
     grads = {n: p.grad.detach().clone() for n, p in single.module.named_parameters() if p.grad is not None}
     single.optimizer_step()
     assert_close_dicts(grads, ddp["grads"], rtol=1e-4, atol=1e-6)
@@ -168,7 +168,7 @@ def test_padded_vocabulary_mismatch_trains(make_config, tiny_dir, capsys):
     """A teacher head with 64 extra padding columns (GPT-2 layout) against a 512-column student."""
     path = make_config({"teacher": {"path": str(tiny_dir / "teacher_wide")}})
     trainer = trainer_for(path)
-    batch = trainer.micro_batches(0)
+    batch = trainer.data.micro_batches(0)
     metrics = trainer.accumulate(batch)
     assert torch.isfinite(torch.tensor(metrics["kd_student"])) and metrics["kd_student"] > 0
 

@@ -43,6 +43,13 @@ class LoRA(Tuner):
         if hasattr(model, "peft_config"):
             model.save_pretrained(str(directory / "adapter"))
 
+    def save_student(self, model, directory, final: bool) -> None:
+        """``final/``: the merged model plus ``adapter/``; ``best/`` during training: the adapter
+        only (merging would change the model being trained)."""
+        self.save_extra(model, directory)
+        if final or not hasattr(model, "peft_config"):
+            (self.export(model) if final else model).save_pretrained(directory)
+
 
 @hookimpl
 def kdcore_register_tuners(register):

@@ -1,0 +1,99 @@
+"""Metrics of a run: accumulation over micro-batches and ranks, and logging.
+
+Every metric is a ratio ``Σ numerator / Σ denominator`` summed over the micro-batches of a
+step (or the batches of an evaluation) and over all ranks, so one all-reduce gives exact
+global values: a loss term is (its sum over tokens, the number of student response tokens),
+an accuracy is (correct rows, rows), any other per-row quantity a plugin reports is (its sum,
+its count).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .distributed import DistInfo, all_reduce_sum
+
+Number = Union[float, torch.Tensor]
+
+
+class MetricSums:
+    """Named (numerator, denominator) pairs, summed locally and reduced over ranks at once."""
+
+    def __init__(self):
+        self._num: Dict[str, Number] = {}
+        self._den: Dict[str, Number] = {}
+        self.term_names: set = set()  # the loss terms among the names (the objective's inputs)
+
+    def add(self, name: str, numerator: Number, denominator: Number) -> None:
+        if isinstance(numerator, torch.Tensor):
+            numerator = numerator.detach().float()
+        self._num[name] = self._num.get(name, 0) + numerator
+        self._den[name] = self._den.get(name, 0) + denominator
+
+    def add_terms(self, terms: Mapping[str, torch.Tensor], tokens: Number) -> None:
+        """Loss terms (sums over tokens), each normalised by the student response ``tokens``."""
+        for name, value in terms.items():
+            self.add(name, value, tokens)
+        self.term_names.update(terms)
+
+    def add_ratios(self, ratios: Mapping[str, Tuple[Number, Number]]) -> None:
+        """``{name: (numerator, denominator)}``, e.g. accuracies as (correct, rows)."""
+        for name, (num, den) in ratios.items():
+            self.add(name, num, den)
+
+    def reduce(self, dist: DistInfo, device) -> Dict[str, float]:
+        """Global values (one all-reduce over ranks; every rank must hold the same names).
+        A metric whose denominator is 0 everywhere is 0."""
+        names = sorted(self._num)
+        if not names:
+            return {}
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+                            for name in names for v in (self._num[name], self._den[name])])
+        flat = all_reduce_sum(flat.to(device), dist).cpu()
+        out = {}
+        for i, name in enumerate(names):
+            num, den = flat[2 * i].item(), flat[2 * i + 1].item()
+            out[name] = num / den if den else 0.0
+        return out
+
+
+class MetricLog:
+    """``metrics.jsonl`` (one JSON record per line) and TensorBoard scalars ``split/name``,
+    written by rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def merge(into: Dict[str, float], extra: Optional[Mapping[str, float]], where: str) -> Dict[str, float]:
+    """Add hook-reported metrics to a record; a name reported twice is an error."""
+    from .errors import PluginError
+
+    for name, value in (extra or {}).items():
+        if name in into:
+            raise PluginError(f"{where}: metric '{name}' is reported twice (by the engine or another hook)")
+        into[name] = float(value)
+    return into
