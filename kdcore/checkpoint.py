@@ -45,6 +45,14 @@ def latest(root: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
+RUN_CHECKPOINTS = "checkpoints"  # a run keeps its checkpoints in <run.output_dir>/checkpoints
+
+
+def run_checkpoints(output_dir: Path) -> List[Path]:
+    """Complete checkpoints of the run that writes to ``output_dir``, oldest first."""
+    return list_checkpoints(Path(output_dir) / RUN_CHECKPOINTS)
+
+
 def rng_state() -> Dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

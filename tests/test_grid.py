@@ -1,4 +1,5 @@
-"""tools/grid.py: expansion, names, validation before launch, modes, resume/skip, report."""
+"""kdcore.grid (expansion, names, validation, run state), kdcore.grid_launch and kdcore.grid_report
+through tools/grid.py (modes, resume/skip, report)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdcore import grid, grid_launch
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "data" / "kdcore-instruct"
 
@@ -26,7 +29,7 @@ def _load_tool():
     return module
 
 
-grid = _load_tool()
+cli = _load_tool()
 
 
 def write_grid(path: Path, **content) -> Path:
@@ -119,7 +122,7 @@ def test_name_template_fields_and_collision(tmp_path, capsys):
         grid.expand(g)
 
     path = write_grid(tmp_path / "c.yaml", base="base.yaml", axes=axes, name="{criterion_name}")
-    assert grid.main([str(path), "--dry-run"]) == 2
+    assert cli.main([str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("grid: error:") and "the name 'fkl'" in err and "Traceback" not in err
 
@@ -172,6 +175,26 @@ def test_shipped_gpt2_divergence_grid(monkeypatch):
     grid.validate_runs(g, grid.expand(g, extra))
 
 
+def test_run_state_follows_the_checkpoint_listing(tmp_path):
+    """resume iff kdcore.checkpoint lists a complete checkpoint (what makes kd-train refuse to
+    start over); a step directory without state.json (a crash mid-write) is a new run."""
+    out = tmp_path / "run"
+    run = grid.Run(index=0, name="run", values={"a.b": 1}, overrides=[], output_dir=out)
+    assert grid.run_state(run) == "new"
+    step = out / "checkpoints" / "step_000010"
+    step.mkdir(parents=True)
+    (out / "checkpoints" / "step_x").mkdir()
+    assert grid.run_state(run) == "new"
+    (step / "state.json").write_text('{"step": 10}')
+    assert grid.run_state(run) == "resume"
+    from kdcore.checkpoint import run_checkpoints
+
+    assert run_checkpoints(out) == [step]
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    assert grid.run_state(run) == "finished"
+
+
 # ---------------------------------------------------------------------------------------------
 # validation, dry run, emitted commands, scheduling (tiny models, fake kd-train)
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +214,10 @@ def tiny_grid(make_config, tmp_path):
 
 
 def test_invalid_run_fails_the_grid_before_launch(tiny_grid, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(grid, "_popen", no_launch)
+    monkeypatch.setattr(grid_launch, "_popen", no_launch)
     path = tiny_grid(axes={"criterion.name": ["fkl", "rkl"], "criterion.temprature": [1.0]}, exclude=[],
                      name="{name}")
-    assert grid.main([str(path), "--local"]) == 2
+    assert cli.main([str(path), "--local"]) == 2
     err = capsys.readouterr().err
     assert "run 'fkl' is invalid" in err and "temprature" in err and "Did you mean 'temperature'" in err
     assert "Traceback" not in err
@@ -202,22 +225,22 @@ def test_invalid_run_fails_the_grid_before_launch(tiny_grid, tmp_path, monkeypat
 
     # the second run only: an unknown criterion name (registry) fails the whole grid, nothing launched
     path = tiny_grid(axes={"criterion.name": ["fkl", "fkll"]}, exclude=[], name="{name}")
-    assert grid.main([str(path), "--parallel", "2"]) == 2
+    assert cli.main([str(path), "--parallel", "2"]) == 2
     err = capsys.readouterr().err
     assert "run 'fkll' is invalid" in err and "Traceback" not in err
     assert not (tmp_path / "grid-out").exists()
 
     # a model check (--validate's validate_models): a missing student directory
     path = tiny_grid(axes={"student.path": [str(tmp_path / "nope")]}, exclude=[], name="s")
-    assert grid.main([str(path), "--emit-commands"]) == 2
+    assert cli.main([str(path), "--emit-commands"]) == 2
     captured = capsys.readouterr()
     assert "run 's' is invalid" in captured.err and "model directory not found" in captured.err
     assert captured.out == ""
 
 
 def test_dry_run_prints_the_table_and_writes_nothing(tiny_grid, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(grid, "_popen", no_launch)
-    assert grid.main([str(tiny_grid()), "--dry-run"]) == 0
+    monkeypatch.setattr(grid_launch, "_popen", no_launch)
+    assert cli.main([str(tiny_grid()), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "3 runs validated" in out
     lines = out.strip().splitlines()
@@ -230,9 +253,9 @@ def test_dry_run_prints_the_table_and_writes_nothing(tiny_grid, tmp_path, monkey
 
 
 def test_emit_commands(tiny_grid, tmp_path, monkeypatch, capsys, tiny_dir):
-    monkeypatch.setattr(grid, "_popen", no_launch)
+    monkeypatch.setattr(grid_launch, "_popen", no_launch)
     path = tiny_grid()
-    assert grid.main([str(path), "--emit-commands", "--nproc-per-node", "2", "--set", "train.lr=0.002"]) == 0
+    assert cli.main([str(path), "--emit-commands", "--nproc-per-node", "2", "--set", "train.lr=0.002"]) == 0
     captured = capsys.readouterr()
     commands = captured.out.strip().splitlines()
     assert len(commands) == 3 and "3 runs validated" in captured.err
@@ -257,8 +280,10 @@ def test_emit_commands(tiny_grid, tmp_path, monkeypatch, capsys, tiny_dir):
     # finished runs are left out; interrupted ones get train.resume=true
     (tmp_path / "grid-out" / "fkl-a0.5" / "final").mkdir(parents=True)
     (tmp_path / "grid-out" / "fkl-a0.5" / "final" / "config.json").write_text("{}")
-    (tmp_path / "grid-out" / "rkl-a0.5" / "checkpoints" / "step_000001").mkdir(parents=True)
-    assert grid.main([str(path), "--emit-commands"]) == 0
+    ckpt = tmp_path / "grid-out" / "rkl-a0.5" / "checkpoints" / "step_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text('{"step": 1}')  # complete, as kdcore.checkpoint writes it
+    assert cli.main([str(path), "--emit-commands"]) == 0
     captured = capsys.readouterr()
     commands = captured.out.strip().splitlines()
     assert len(commands) == 2 and "# skip fkl-a0.5: finished" in captured.err
@@ -268,10 +293,10 @@ def test_emit_commands(tiny_grid, tmp_path, monkeypatch, capsys, tiny_dir):
 
 def test_parallel_runs_all_and_reports_failures(tiny_grid, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(grid, "_popen", fake_popen(calls, fail={"fkl-a0.0"}))
-    monkeypatch.setattr(grid, "_gpus", lambda: [])
+    monkeypatch.setattr(grid_launch, "_popen", fake_popen(calls, fail={"fkl-a0.0"}))
+    monkeypatch.setattr(grid_launch, "_gpus", lambda: [])
     path = tiny_grid()
-    assert grid.main([str(path), "--parallel", "2"]) == 1  # one failed, the others ran
+    assert cli.main([str(path), "--parallel", "2"]) == 1  # one failed, the others ran
     out = capsys.readouterr().out
     assert len(calls) == 3 and all(c[1:4] == ["-m", "kdcore.cli", "--config"] for c in calls)
     assert "FAILED fkl-a0.0 (exit status 1" in out and "grid: 2 of 3 launched runs succeeded" in out
@@ -286,9 +311,9 @@ def test_parallel_runs_all_and_reports_failures(tiny_grid, tmp_path, monkeypatch
         return fake_popen([])(argv, **kwargs)
 
     shutil.rmtree(tmp_path / "grid-out")
-    monkeypatch.setattr(grid, "_popen", record)
-    monkeypatch.setattr(grid, "_gpus", lambda: ["3", "5"])
-    assert grid.main([str(path), "--parallel", "2"]) == 0
+    monkeypatch.setattr(grid_launch, "_popen", record)
+    monkeypatch.setattr(grid_launch, "_gpus", lambda: ["3", "5"])
+    assert cli.main([str(path), "--parallel", "2"]) == 0
     assert sorted(envs[:2]) == ["3", "5"] and envs[2] in ("3", "5")
     capsys.readouterr()
 
@@ -317,7 +342,7 @@ def test_report_collects_metrics_and_kd_eval_results(tiny_grid, tmp_path, capsys
     (root / "rkl-a0.5" / "eval").mkdir(parents=True)
     (root / "rkl-a0.5" / "eval" / "results.json").write_text("not json")
 
-    assert grid.main([str(path), "--report", "--metric", "rouge_l"]) == 0
+    assert cli.main([str(path), "--report", "--metric", "rouge_l"]) == 0
     with open(root / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["run", "criterion.name", "objective.kd_weight", "status", "step",
@@ -345,14 +370,14 @@ def test_ci_grid_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
     argv = ["configs/grids/tiny-ci.yaml", "--output-root", str(root),
             "--set", f"teacher.path={tiny_dir / 'teacher'}", "--set", f"student.path={tiny_dir / 'student'}"]
     launched = []
-    real_popen = grid._popen
+    real_popen = grid_launch._popen
 
     def spy(cmd, **kwargs):
         launched.append(list(cmd))
         return real_popen(cmd, **kwargs)
 
-    monkeypatch.setattr(grid, "_popen", spy)
-    assert grid.main(argv + ["--local"]) == 0
+    monkeypatch.setattr(grid_launch, "_popen", spy)
+    assert cli.main(argv + ["--local"]) == 0
     out = capsys.readouterr().out
     names = ["fkl-a0.5", "fkl-a0.0", "rkl-a0.5"]
     assert len(launched) == 3 and "grid: 3 of 3 launched runs succeeded" in out
@@ -365,23 +390,23 @@ def test_ci_grid_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
     assert len((root / "manifest.jsonl").read_text().splitlines()) == 3
 
     # re-running launches nothing
-    monkeypatch.setattr(grid, "_popen", no_launch)
-    assert grid.main(argv + ["--local"]) == 0
+    monkeypatch.setattr(grid_launch, "_popen", no_launch)
+    assert cli.main(argv + ["--local"]) == 0
     assert "all 3 runs are finished; nothing to launch" in capsys.readouterr().out
 
     # an interrupted run (checkpoints kept, final/ gone) resumes with train.resume=true; the others are skipped
     shutil.rmtree(root / "rkl-a0.5" / "final")
     assert list((root / "rkl-a0.5" / "checkpoints").glob("step_*"))
     launched.clear()
-    monkeypatch.setattr(grid, "_popen", spy)
-    assert grid.main(argv + ["--local"]) == 0
+    monkeypatch.setattr(grid_launch, "_popen", spy)
+    assert cli.main(argv + ["--local"]) == 0
     out = capsys.readouterr().out
     assert len(launched) == 1 and launched[0][-1] == "train.resume=true" and f"run.output_dir={root / 'rkl-a0.5'}" in launched[0]
     assert "resumed from" in out and (root / "rkl-a0.5" / "final" / "config.json").is_file()
     assert json.loads((root / "manifest.jsonl").read_text().splitlines()[-1])["action"] == "resume"
 
     # report: CSV columns = axes + metrics, Markdown table, PNG, TensorBoard hparams
-    assert grid.main(argv + ["--report"]) == 0
+    assert cli.main(argv + ["--report"]) == 0
     capsys.readouterr()
     with open(root / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -407,6 +432,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     for args, message in (([str(tmp_path / "missing.yaml"), "--local"], "grid file not found"),
                           ([str(bad)], "choose what to do"),
                           ([str(bad), "--parallel", "0"], "N must be >= 1")):
-        assert grid.main(args) == 2
+        assert cli.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("grid: error:") and message in err and len(err.strip().splitlines()) == 1
