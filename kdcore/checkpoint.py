@@ -135,7 +135,7 @@ class Checkpoints:
     """
 
     def __init__(self, out: Path, dist, keep_last: int, select_by: str):
-        self.out, self.root, self.dist = Path(out), Path(out) / "checkpoints", dist
+        self.out, self.root, self.dist = Path(out), Path(out) / RUN_CHECKPOINTS, dist
         self.keep_last, self.select_by = keep_last, select_by
         self.best: Optional[Dict] = None
 
