@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
 
-from .console import run_command
+from .console import command
 from .errors import KdcoreError
 
 
@@ -82,9 +81,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    return run_command("kd-train", lambda: run(args))
+main = command("kd-train", parser, run)
 
 
 if __name__ == "__main__":

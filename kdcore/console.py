@@ -37,3 +37,15 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def command(prog: str, parser: Callable, run: Callable[..., int]) -> Callable[..., int]:
+    """A console entry point ``main(argv=None) -> status``: ``parser().parse_args(argv)``, then
+    ``run(args)`` under the error contract of :func:`run_command`."""
+
+    def main(argv=None) -> int:
+        args = parser().parse_args(argv)
+        return run_command(prog, lambda: run(args))
+
+    main.__doc__ = f"The ``{prog}`` command line."
+    return main

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .console import run_command
+from .console import command
 from .errors import KdcoreError
 
 
@@ -145,9 +145,7 @@ def run(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    return run_command("kd-eval", lambda: run(args))
+main = command("kd-eval", parser, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ is O(chunk_size x V) rather than several O(N x V) tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,40 +90,74 @@ class ModelSide:
 
 
 @dataclass
-class Space:
-    """One KD term over ``N`` rows. ``name`` makes the logged key ``kd_<name>``.
+class Rows:
+    """One side of a space: ``hidden[N, h]`` rows through ``head`` to logits ``[N, V]``.
 
-    student_hidden[N, h1] -> student_head -> student-side logits (these get the gradient)
-    teacher_hidden[N, h2] -> teacher_head -> teacher-side logits (the reference distribution,
-    detached for the KD term unless ``detach_teacher`` is off)
-    Optional extras computed in the same pass (sharing the chunk's logits):
-    ``student_ce``: CE of the student-side logits on ``labels`` (the objective's CE term);
-    ``teacher_ce``: name of a CE term of the teacher-side logits on ``labels`` (trains a projector);
-    ``teacher_acc`` / ``student_acc``: names of accuracies of argmax logits against ``labels``;
-    ``mask_kd_by_teacher_accuracy``: KD only where argmax(teacher-side) == label (DSKD-CMA);
-    ``kd_columns``: compare only the first k vocabulary columns (padded-vocabulary mismatch).
+    ``map_logits(logits[n, V], rows: slice) -> [n, V']`` optionally turns a chunk's logits (rows
+    ``rows`` of the ``N``) into another vocabulary (MinED's teacher -> student vocabulary map).
+    """
+
+    hidden: torch.Tensor
+    head: Head
+    map_logits: Optional[Callable[[torch.Tensor, slice], torch.Tensor]] = None
+
+    def logits(self, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        out = self.head(hidden)
+        return self.map_logits(out, rows) if self.map_logits is not None else out
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """Auxiliary term ``name = Σ_rows CE(side logits, labels)`` (a loss term). ``side`` is
+    ``"student"`` (the objective's CE when the rows are the whole response) or ``"teacher"``
+    (DSKD's ``t2s_ce``, which trains a projection through the teacher-side rows)."""
+
+    name: str
+    side: Literal["student", "teacher"]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Auxiliary metric ``name = mean_rows(argmax side logits == labels)``. ``gate``: the KD term
+    counts only on rows where it holds (DSKD-CMA's ``mask_kd_by_teacher_accuracy``)."""
+
+    name: str
+    side: Literal["student", "teacher"]
+    gate: bool = False
+
+
+@dataclass
+class Space:
+    """One KD term ``kd_<name> = Σ_rows criterion(student logits, teacher logits)`` over ``N``
+    rows, plus auxiliary terms computed on the same chunk's logits.
+
+    ``student`` rows get the gradient of the KD term; ``teacher`` rows are its reference
+    distribution (detached for the KD term; auxiliary CE terms on the teacher side do reach
+    them). ``labels[N]`` are the gold ids of the rows, needed by the auxiliary terms.
     """
 
     name: str
-    student_hidden: torch.Tensor
-    student_head: Head
-    teacher_hidden: torch.Tensor
-    teacher_head: Head
+    student: Rows
+    teacher: Rows
     criterion: object
     labels: Optional[torch.Tensor] = None
-    student_ce: bool = False
-    teacher_ce: Optional[str] = None
-    teacher_acc: Optional[str] = None
-    student_acc: Optional[str] = None
-    mask_kd_by_teacher_accuracy: bool = False
-    detach_teacher: bool = True
-    kd_columns: Optional[int] = None
-    teacher_logit_map: Optional[object] = None  # (logits[N, V_t], labels[N], row_info[N]) -> [N, V_s]
-    row_info: Optional[torch.Tensor] = None  # [N], passed to teacher_logit_map
+    terms: Sequence[Union[CrossEntropy, Accuracy]] = ()
 
     @property
     def num_rows(self) -> int:
-        return self.student_hidden.shape[0]
+        return self.student.hidden.shape[0]
+
+
+class FirstColumns:
+    """A criterion applied to the first ``k`` vocabulary columns of both sides: two heads that
+    differ only by padding columns (e.g. 151,936 vs 152,064) compare the shared tokenizer's."""
+
+    def __init__(self, criterion, k: int):
+        self.criterion, self.k = criterion, k
+        self.same_vocab = getattr(criterion, "same_vocab", True)
+
+    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return self.criterion.per_token(student_logits[:, :self.k], teacher_logits[:, :self.k])
 
 
 CHUNK_ELEMENTS = 2**26  # logits elements per chunk by default: 256 MiB per fp32 [chunk, V] tensor
@@ -135,33 +169,26 @@ def auto_chunk_rows(vocab_size: int) -> int:
     return max(64, min(4096, CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
-def _space_chunk(space: Space, hs: torch.Tensor, ht: torch.Tensor, labels: Optional[torch.Tensor],
-                 row_info: Optional[torch.Tensor]):
-    """Sums over one chunk of rows: (kd, student_ce, teacher_ce, student_correct, teacher_correct)."""
-    zero = hs.new_zeros((), dtype=torch.float32)
-    s_logits = space.student_head(hs)
-    t_logits = space.teacher_head(ht)
-    if space.teacher_logit_map is not None:
-        t_logits = space.teacher_logit_map(t_logits, labels, row_info)
-    k = space.kd_columns
-    t_ref = t_logits.detach() if space.detach_teacher else t_logits
-    per_token = space.criterion.per_token(s_logits[:, :k] if k else s_logits, t_ref[:, :k] if k else t_ref)
-    t_correct = s_correct = zero
-    if labels is not None and (space.mask_kd_by_teacher_accuracy or space.teacher_acc):
-        t_hit = t_logits.detach().argmax(-1).eq(labels)
-        t_correct = t_hit.sum().float()
-        if space.mask_kd_by_teacher_accuracy:
-            per_token = per_token * t_hit.to(per_token.dtype)
-    if labels is not None and space.student_acc:
-        s_correct = s_logits.detach().argmax(-1).eq(labels).sum().float()
-    kd = per_token.float().sum()
-    s_ce = F.cross_entropy(s_logits.float(), labels, reduction="sum") if space.student_ce else zero
-    t_ce = F.cross_entropy(t_logits.float(), labels, reduction="sum") if space.teacher_ce else zero
-    return kd, s_ce, t_ce, s_correct, t_correct
+def _space_chunk(space: Space, hs: torch.Tensor, ht: torch.Tensor, labels: Optional[torch.Tensor], rows: slice):
+    """Sums over one chunk of rows: ``(kd, *auxiliary terms in space.terms order)``."""
+    logits = {"student": space.student.logits(hs, rows), "teacher": space.teacher.logits(ht, rows)}
+    per_token = space.criterion.per_token(logits["student"], logits["teacher"].detach())
+    aux = []
+    for term in space.terms:
+        side = logits[term.side]
+        if isinstance(term, Accuracy):
+            hit = side.detach().argmax(-1).eq(labels)
+            if term.gate:
+                per_token = per_token * hit.to(per_token.dtype)
+            aux.append(hit.sum().float())
+        else:
+            aux.append(F.cross_entropy(side.float(), labels, reduction="sum"))
+    return (per_token.float().sum(), *aux)
 
 
 def chunked(fn, tensors, chunk_size: int):
-    """Apply ``fn(*row_chunks) -> tuple of scalars`` to row chunks of ``tensors`` and sum.
+    """Apply ``fn(*row_chunks, rows) -> tuple of scalars`` to row chunks of ``tensors`` (``rows``
+    the chunk's slice) and sum.
 
     When a chunk needs a graph, it runs under non-reentrant checkpointing: only its inputs are
     kept and its intermediates (the ``[chunk, V]`` logits) are recomputed in backward.
@@ -169,11 +196,12 @@ def chunked(fn, tensors, chunk_size: int):
     n = tensors[0].shape[0]
     total = None
     for start in range(0, max(n, 1), chunk_size):
-        parts = [t[start:start + chunk_size] if t is not None else None for t in tensors]
+        rows = slice(start, start + chunk_size)
+        parts = [t[rows] if t is not None else None for t in tensors]
         if torch.is_grad_enabled():
-            out = checkpoint(fn, *parts, use_reentrant=False)
+            out = checkpoint(fn, *parts, rows, use_reentrant=False)
         else:
-            out = fn(*parts)
+            out = fn(*parts, rows)
         total = out if total is None else tuple(a + b for a, b in zip(total, out))
     return total
 
@@ -182,36 +210,29 @@ def evaluate_space(space: Space, chunk_size: Optional[int] = None) -> Tuple[Dict
     """Losses (sums over rows) and accuracy counts of one space, ``chunk_size`` rows at a time
     (default :func:`auto_chunk_rows` of the wider vocabulary).
 
-    Returns ``losses`` with keys ``kd_<name>`` and, when requested, ``ce`` and the
-    ``teacher_ce`` name; ``counts`` maps accuracy names to ``(correct, rows)``.
+    Returns ``losses`` with keys ``kd_<name>`` and the auxiliary CE names; ``counts`` maps
+    accuracy names to ``(correct, rows)``.
     """
-    if space.teacher_hidden.shape[0] != space.num_rows:
-        raise ValueError(f"space {space.name}: {space.num_rows} student rows vs {space.teacher_hidden.shape[0]} teacher rows")
-    needs_labels = (space.student_ce or space.teacher_ce or space.teacher_acc or space.student_acc
-                    or space.mask_kd_by_teacher_accuracy or space.teacher_logit_map is not None)
-    if needs_labels and space.labels is None:
+    if space.teacher.hidden.shape[0] != space.num_rows:
+        raise ValueError(f"space {space.name}: {space.num_rows} student rows vs {space.teacher.hidden.shape[0]} teacher rows")
+    if space.terms and space.labels is None:
         raise ValueError(f"space {space.name}: labels are required for CE/accuracy terms")
-    chunk_size = chunk_size or auto_chunk_rows(max(space.student_head.vocab_size, space.teacher_head.vocab_size))
-    kd, s_ce, t_ce, s_ok, t_ok = chunked(
-        lambda hs, ht, y, info: _space_chunk(space, hs, ht, y, info),
-        [space.student_hidden, space.teacher_hidden, space.labels if needs_labels else None, space.row_info],
-        chunk_size,
-    )
+    chunk_size = chunk_size or auto_chunk_rows(max(space.student.head.vocab_size, space.teacher.head.vocab_size))
+    kd, *aux = chunked(lambda hs, ht, y, rows: _space_chunk(space, hs, ht, y, rows),
+                       [space.student.hidden, space.teacher.hidden, space.labels], chunk_size)
     losses = {f"kd_{space.name}": kd}
-    if space.student_ce:
-        losses["ce"] = s_ce
-    if space.teacher_ce:
-        losses[space.teacher_ce] = t_ce
     counts = {}
-    if space.teacher_acc:
-        counts[space.teacher_acc] = (t_ok.detach(), space.num_rows)
-    if space.student_acc:
-        counts[space.student_acc] = (s_ok.detach(), space.num_rows)
+    for term, value in zip(space.terms, aux):
+        if isinstance(term, Accuracy):
+            counts[term.name] = (value.detach(), space.num_rows)
+        else:
+            losses[term.name] = value
     return losses, counts
 
 
 def cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """``Σ_rows -log softmax(head(hidden))[label]``, chunked like the KD terms. hidden[N, h], labels[N]."""
     chunk_size = chunk_size or auto_chunk_rows(head.vocab_size)
-    (total,) = chunked(lambda h, y: (F.cross_entropy(head(h).float(), y, reduction="sum"),), [hidden, labels], chunk_size)
+    (total,) = chunked(lambda h, y, rows: (F.cross_entropy(head(h).float(), y, reduction="sum"),), [hidden, labels],
+                       chunk_size)
     return total

@@ -99,11 +99,12 @@ def by_config_key() -> Dict[str, Kind]:
 def add_kind(kind: Kind, hookspecs=None) -> None:
     """Add a kind at run time (a plugin package defining its own kind, or a test).
 
-    ``hookspecs``: a module or class holding the kind's registration hookspec. The registry is
-    reset so the next use rebuilds its tables with the new kind.
+    ``hookspecs``: a module or class holding the kind's registration hookspec. A registry that
+    exists already learns the hookspec and rebuilds its tables on next use (a plugin module may
+    call this while it is being imported from a config's ``plugins:`` list).
     """
     from .errors import PluginError
-    from .registry import reset_registry
+    from .registry import refresh_kinds
 
     if any(k.name == kind.name for k in KINDS):
         raise PluginError(f"plugin kind '{kind.name}' already exists")
@@ -112,11 +113,11 @@ def add_kind(kind: Kind, hookspecs=None) -> None:
     KINDS.append(kind)
     if hookspecs is not None:
         _HOOKSPECS[kind.name] = hookspecs
-    reset_registry()
+    refresh_kinds(hookspecs)
 
 
 def remove_kind(name: str) -> None:
-    """Undo :func:`add_kind` (tests)."""
+    """Undo :func:`add_kind` (tests); the registry is rebuilt from scratch on next use."""
     from .registry import reset_registry
 
     KINDS[:] = [k for k in KINDS if k.name != name]

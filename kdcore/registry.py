@@ -203,6 +203,16 @@ def get_registry() -> Registry:
     return _REGISTRY
 
 
+def refresh_kinds(hookspecs=None) -> None:
+    """After :func:`kdcore.kinds.add_kind`: the live registry learns the new kind's hookspecs
+    and rebuilds its tables on next use."""
+    if _REGISTRY is not None:
+        if hookspecs is not None:
+            _REGISTRY.pm.add_hookspecs(hookspecs)
+            _REGISTRY._check()
+        _REGISTRY._tables = None
+
+
 def reset_registry() -> None:
     """Forget all plugins; the next :func:`get_registry` rediscovers them (tests use this)."""
     global _REGISTRY

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import kdcore
-from kdcore.kdspace import Head, Space, cross_entropy_sum, evaluate_space
+from kdcore.kdspace import Accuracy, CrossEntropy, FirstColumns, Head, Rows, Space, cross_entropy_sum, evaluate_space
 
 
 def naive(space):
-    s = space.student_head(space.student_hidden)
-    t = space.teacher_head(space.teacher_hidden)
+    s = space.student.head(space.student.hidden)
+    t = space.teacher.head(space.teacher.hidden)
     kd = space.criterion.per_token(s, t.detach()).sum()
     ce = F.cross_entropy(s.float(), space.labels, reduction="sum")
     t_ce = F.cross_entropy(t.float(), space.labels, reduction="sum")
@@ -35,8 +35,8 @@ def test_chunked_equals_unchunked(chunk, criterion):
     crit = kdcore.build("criterion", {"name": criterion, "temperature": 2.0})
 
     def space():
-        return Space("student", h_s, Head(w_s), proj(h_t), Head(w_t), crit, labels=labels, student_ce=True,
-                     teacher_ce="t2s_ce", teacher_acc="t2s_acc", detach_teacher=True)
+        return Space("student", Rows(h_s, Head(w_s)), Rows(proj(h_t), Head(w_t)), crit, labels=labels,
+                     terms=[CrossEntropy("ce", "student"), CrossEntropy("t2s_ce", "teacher"), Accuracy("t2s_acc", "teacher")])
 
     losses, counts = evaluate_space(space(), chunk_size=chunk)
     grads = torch.autograd.grad(losses["kd_student"] + losses["ce"] + losses["t2s_ce"], [h_s, w_s, proj.weight])
@@ -59,8 +59,8 @@ def test_accuracy_mask_and_kd_columns():
     labels = Head(w_t)(h_t)[:, :V].argmax(-1)
     labels[::2] = (labels[::2] + 1) % V  # half the rows: teacher wrong
     crit = kdcore.build("criterion", "fkl")
-    losses, _ = evaluate_space(Space("s", h_s, Head(w_s), h_t, Head(w_t), crit, labels=labels,
-                                     mask_kd_by_teacher_accuracy=True, kd_columns=V), chunk_size=3)
+    losses, _ = evaluate_space(Space("s", Rows(h_s, Head(w_s)), Rows(h_t, Head(w_t)), FirstColumns(crit, V), labels=labels,
+                                     terms=[Accuracy("acc", "teacher", gate=True)]), chunk_size=3)
     s, t = Head(w_s)(h_s), Head(w_t)(h_t)[:, :V]
     hit = (Head(w_t)(h_t).argmax(-1) == labels).float()
     torch.testing.assert_close(losses["kd_s"], (crit.per_token(s, t) * hit).sum())
@@ -74,6 +74,6 @@ def test_cross_entropy_sum_matches_torch():
 
 def test_empty_rows_give_zero():
     crit = kdcore.build("criterion", "fkl")
-    space = Space("s", torch.zeros(0, 4), Head(torch.randn(9, 4)), torch.zeros(0, 4), Head(torch.randn(9, 4)), crit)
+    space = Space("s", Rows(torch.zeros(0, 4), Head(torch.randn(9, 4))), Rows(torch.zeros(0, 4), Head(torch.randn(9, 4))), crit)
     losses, _ = evaluate_space(space)
     assert losses["kd_s"].item() == 0.0

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
-from kdcore.console import run_command
+from kdcore.console import command
 from kdcore.grid import GridError, expand, load_grid, validate_runs
 from kdcore.grid_launch import emit_commands, run_all
 from kdcore.grid_report import DEFAULT_EVAL_RESULTS, report, runs_table
@@ -70,9 +69,7 @@ def run_cli(args) -> int:
     return status
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
-    return run_command("grid", lambda: run_cli(args))
+main = command("grid", parser, run_cli)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from kdcore import Projector, hookimpl
-from kdcore.kdspace import ModelSide, Space
+from kdcore.kdspace import CrossEntropy, FirstColumns, ModelSide, Rows, Space
 
 
 class NoProjector(Projector):
@@ -23,22 +23,18 @@ class NoProjector(Projector):
         rows = alignment.student_mask
         v_s, v_t = student.head.vocab_size, teacher.head.vocab_size
         mapped = alignment.teacher_logit_map is not None
-        same_width = criterion.same_vocab and not mapped and v_s != v_t
-        return [
-            Space(
-                name="student",
-                student_hidden=student.hidden[rows],
-                student_head=student.head,
-                teacher_hidden=alignment.teacher_to_student(teacher.hidden)[rows],
-                teacher_head=teacher.head,
-                criterion=criterion,
-                labels=student.labels[rows],
-                student_ce=alignment.covers_student_response,
-                kd_columns=min(v_s, v_t) if same_width else None,
-                teacher_logit_map=alignment.teacher_logit_map,
-                row_info=alignment.row_info[rows] if alignment.row_info is not None else None,
-            )
-        ]
+        if criterion.same_vocab and not mapped and v_s != v_t:
+            criterion = FirstColumns(criterion, min(v_s, v_t))
+        labels = student.labels[rows]
+        return [Space(
+            name="student",
+            student=Rows(student.hidden[rows], student.head),
+            teacher=Rows(alignment.teacher_to_student(teacher.hidden)[rows], teacher.head,
+                         map_logits=_vocabulary_map(alignment, rows, labels) if mapped else None),
+            criterion=criterion,
+            labels=labels,
+            terms=[CrossEntropy("ce", "student")] if alignment.covers_student_response else [],
+        )]
 
     def check_compatible(self, *, shared_tokenizer: bool, aligner, criterion) -> Optional[str]:
         if shared_tokenizer or aligner.maps_vocabulary or not criterion.same_vocab:
@@ -46,6 +42,12 @@ class NoProjector(Projector):
         return ("projector 'none' compares the two models' own output distributions, which needs one shared "
                 "vocabulary: with different tokenizers use projector 'dual' (DSKD) with aligner 'cma', aligner "
                 "'mined' (maps the teacher's vocabulary), or criterion 'uld' (compares sorted probabilities)")
+
+
+def _vocabulary_map(alignment, rows, labels):
+    """The alignment's teacher -> student vocabulary map as a per-chunk logits transform."""
+    info = alignment.row_info[rows]
+    return lambda logits, chunk: alignment.teacher_logit_map(logits, labels[chunk], info[chunk])
 
 
 @hookimpl

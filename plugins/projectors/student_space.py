@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdcore import Projector, hookimpl
-from kdcore.kdspace import Head, ModelSide, Space
+from kdcore.kdspace import Accuracy, CrossEntropy, Head, ModelSide, Rows, Space
 from kdcore.vocab import exact_overlap, pinv_projection
 
 
@@ -44,18 +44,15 @@ def student_space(projector: nn.Linear, student: ModelSide, teacher: ModelSide, 
     """The student-space :class:`Space` for a teacher -> student projection ``projector``."""
     rows = alignment.student_mask
     projected = alignment.teacher_to_student(projector(alignment.teacher_value(teacher)))
+    terms = [CrossEntropy("ce", "student")] if alignment.covers_student_response else []
+    terms += [CrossEntropy("t2s_ce", "teacher"), Accuracy("t2s_acc", "teacher", gate=alignment.mask_kd_by_teacher_accuracy)]
     return Space(
         name="student",
-        student_hidden=student.hidden[rows],
-        student_head=student.head,
-        teacher_hidden=projected[rows],
-        teacher_head=student.head.detached(),
+        student=Rows(student.hidden[rows], student.head),
+        teacher=Rows(projected[rows], student.head.detached()),
         criterion=criterion,
         labels=student.labels[rows],
-        student_ce=alignment.covers_student_response,
-        teacher_ce="t2s_ce",
-        teacher_acc="t2s_acc",
-        mask_kd_by_teacher_accuracy=alignment.mask_kd_by_teacher_accuracy,
+        terms=terms,
     )
 
 

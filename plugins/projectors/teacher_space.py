@@ -20,7 +20,7 @@ from torch import nn
 
 import kdcore
 from kdcore import Projector, hookimpl
-from kdcore.kdspace import ModelSide, Space
+from kdcore.kdspace import Accuracy, ModelSide, Rows, Space
 
 from kdcore_plugins.projectors.student_space import pinv_init
 
@@ -31,13 +31,11 @@ def teacher_space(projector: nn.Linear, student: ModelSide, teacher: ModelSide, 
     projected = alignment.student_to_teacher(projector(student.hidden))
     return Space(
         name="teacher",
-        student_hidden=projected[rows],
-        student_head=teacher.head.detached(),
-        teacher_hidden=teacher.hidden[rows],
-        teacher_head=teacher.head,
+        student=Rows(projected[rows], teacher.head.detached()),
+        teacher=Rows(teacher.hidden[rows], teacher.head),
         criterion=criterion,
         labels=teacher.labels[rows],
-        student_acc="s2t_acc",
+        terms=[Accuracy("s2t_acc", "student")],
     )
 
 
