@@ -1,6 +1,6 @@
 """The experiment config: YAML -> validated sections and component specs.
 
-One file per experiment (DESIGN.md "Config"). Every section is validated against a dataclass
+One file per experiment (README.md, "Config reference"). Every section is validated against a dataclass
 and every component against its constructor; errors name the key and suggest close matches.
 Dotted ``key.sub=value`` overrides (values parsed as YAML) go through :func:`apply_overrides`,
 shared by ``kd-train`` and ``tools/grid.py``.

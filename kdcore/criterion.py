@@ -10,7 +10,7 @@ import torch
 class Criterion:
     """Base class of distance criteria.
 
-    Contract (DESIGN.md): ``per_token(student_logits[N, V_s], teacher_logits[N, V_t]) -> [N]``
+    Contract (docs/methods.md#criterion-contract): ``per_token(student_logits[N, V_s], teacher_logits[N, V_t]) -> [N]``
     float32 divergences with the teacher as the reference distribution. Temperature and other
     knobs are constructor arguments. A criterion never masks, sums or averages: the engine does.
     ``same_vocab`` says whether ``V_s`` must equal ``V_t``.

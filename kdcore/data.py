@@ -1,6 +1,6 @@
 """Tokenization, collation and the deterministic batch order.
 
-Sequence construction (reference/dskd.md §2.3), independently for each tokenizer:
+Sequence construction (docs/methods.md#sequence-construction), independently for each tokenizer:
 ``prompt_ids = encode(prompt)[:max_prompt_length]``, ``response_ids = encode(response) + [eos]``,
 ``seq = (prompt_ids + response_ids)[:max_length]``, ``input_ids = seq[:-1]``,
 ``labels = seq[1:]`` with ``labels[:len(prompt_ids) - 1] = -100``. No BOS is added. Batches are

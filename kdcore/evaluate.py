@@ -1,6 +1,6 @@
 """Instruction-following evaluation: generate on test sets with several seeds, score ROUGE-L.
 
-The protocol of DSKD / MiniLLM (reference/dskd.md §3): for each test set and each seed
+The protocol of DSKD / MiniLLM (docs/methods.md#evaluation): for each test set and each seed
 (10, 20, 30, 40, 50) sample responses and score ROUGE-L; report the mean and the sample
 standard deviation over the seeds per set, and the average over the sets.
 

@@ -1,6 +1,6 @@
 """Batched response generation for any HF causal LM, with the DSKD evaluation protocol.
 
-Defaults (reference/dskd.md §3): sampling with ``top_k=0, top_p=1.0, temperature=1.0``,
+Defaults (docs/methods.md#generation): sampling with ``top_k=0, top_p=1.0, temperature=1.0``,
 ``no_repeat_ngram_size=6``, no repetition penalty, ``max_new_tokens=256``, prompts cut to their
 first ``max_prompt_length=256`` tokens and left-padded, no BOS (prompts are encoded with
 ``add_special_tokens=False`` exactly as in training), eos as both the stop and the pad token of

@@ -1,4 +1,4 @@
-"""ROUGE-L as DSKD and MiniLLM report it (reference/dskd.md §3).
+"""ROUGE-L as DSKD and MiniLLM report it (docs/methods.md#rouge-l).
 
 The ``rouge_score`` package's ``rougeL`` with the Porter stemmer; the F-measure with the
 reference as target and the prediction as prediction; the maximum over an example's

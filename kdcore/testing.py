@@ -14,7 +14,7 @@ or one pytest test per check::
     def test_hellinger_contract(check):
         run_check("hellinger", check, temperature=2.0)
 
-What a criterion must satisfy (DESIGN.md, "Criterion contract"), one check each:
+What a criterion must satisfy (docs/methods.md#criterion-contract), one check each:
 
 ``shape_dtype``
     ``per_token(student[N, V], teacher[N, V])`` returns a ``[N]`` float32 tensor for float32,

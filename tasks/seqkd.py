@@ -1,4 +1,4 @@
-"""Task ``seqkd``: sequence-level KD (Kim & Rush; reference/dskd.md §3) — the training
+"""Task ``seqkd``: sequence-level KD (Kim & Rush 2016; docs/methods.md#seqkd) — the training
 responses of another task replaced by the teacher's own generations, for plain CE training
 (``objective.kd_weight: 0``).
 

@@ -1,4 +1,4 @@
-"""Sequence construction (dskd.md §2.3), collation, and the deterministic global batch order."""
+"""Sequence construction (docs/methods.md#sequence-construction), collation, and the deterministic global batch order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DSKD projectors and cross-tokenizer aligners (reference/dskd.md §6–8) on the tiny pair."""
+"""DSKD projectors and cross-tokenizer aligners (docs/methods.md#dskd, #cma, #mined, #uld) on the tiny pair."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def grad_owners(module, term):
 
 
 def test_gradient_flow_same_vocabulary_dskd(pair, examples):
-    """reference/dskd.md §6.3."""
+    """docs/methods.md#dskd-gradients."""
     module, shared = make_module(pair, "identity", "dual", "fkl", "student_same")
     terms, _ = module.terms(batch_for(pair, module, examples, "student_same", shared))
     assert grad_owners(module, terms["t2s_ce"]) == {"t2s"}
@@ -114,7 +114,7 @@ def test_gradient_flow_same_vocabulary_dskd(pair, examples):
 
 
 def test_gradient_flow_cma(pair, examples):
-    """reference/dskd.md §7.4 (kd_student only exists where the projected teacher is right, so
+    """docs/methods.md#cma-gradients (kd_student only exists where the projected teacher is right, so
     the test forces the accuracy mask open)."""
     module, _ = make_module(pair, "cma", "dual", "fkl")
     module.aligner.mask_kd_by_teacher_accuracy = False

@@ -1,4 +1,4 @@
-"""Aligner ``cma``: DSKD's cross-model attention (reference/dskd.md §7.1–7.2).
+"""Aligner ``cma``: DSKD's cross-model attention (docs/methods.md#cma).
 
 Each position is indexed by its (input token, next token) pair embedded in its own model's
 embedding table (detached). A learned query projection maps student pairs into the teacher's

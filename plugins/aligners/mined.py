@@ -1,5 +1,5 @@
 """Aligner ``mined``: minimum-edit-distance alignment of tokens and vocabularies
-(FuseLLM's MinED as re-implemented by DSKD; reference/dskd.md §8.1).
+(FuseLLM's MinED as re-implemented by DSKD; docs/methods.md#mined).
 
 Vocabulary: every teacher token maps to the student token with the same string after mapping
 the word-boundary marker (``Ġ`` <-> ``▁``), else to the student token at minimum edit

@@ -1,4 +1,4 @@
-"""Aligner ``uld``: Universal Logit Distillation's positional pairing (reference/dskd.md §8.2).
+"""Aligner ``uld``: Universal Logit Distillation's positional pairing (docs/methods.md#uld).
 
 The k-th response position of the student is paired with the k-th response position of the
 teacher, for k < min(|response_s|, |response_t|); there is no tokenization-aware alignment.

@@ -1,4 +1,4 @@
-"""Projector ``student_space``: DSKD's student-space term (reference/dskd.md §6.2, §7.3).
+"""Projector ``student_space``: DSKD's student-space term (docs/methods.md#dskd-student-space).
 
 Teacher values (the last hidden state, or what the aligner supplies, e.g. CMA's normalised
 hidden + next-token embedding) go through ``P_t2s = Linear(D -> d)``, are carried to the

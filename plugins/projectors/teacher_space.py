@@ -1,4 +1,4 @@
-"""Projector ``teacher_space``: DSKD's teacher-space term (reference/dskd.md §6.2, §7.3).
+"""Projector ``teacher_space``: DSKD's teacher-space term (docs/methods.md#dskd-teacher-space).
 
 Student hidden states go through ``P_s2t = Linear(d -> D)``, are carried to the teacher
 positions by the aligner, and through the teacher's frozen head; that distribution is
