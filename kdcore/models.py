@@ -67,7 +67,8 @@ def resolve_path(path: str) -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model path '{path}': Python package '{name}' is not installed")
+        # ModelUnavailable: --validate reports the model checks as skipped, training fails clearly
+        raise ModelUnavailable(f"model path '{path}': Python package '{name}' is not installed")
     root = Path(list(spec.submodule_search_locations)[0])
     return str(root / sub) if sub else str(root)
 
