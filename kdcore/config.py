@@ -71,7 +71,8 @@ class ObjectiveConfig:
 class TrainConfig:
     """``train:`` optimisation, schedule and cadence. Steps are optimizer steps; ``max_steps``
     (if set) wins over ``epochs``. ``eval_every: 0`` evaluates once per epoch; ``save_every: 0``
-    saves at every evaluation; both also happen at the last step."""
+    saves at every evaluation; both also happen at the last step. ``peak_flops``: the device's
+    peak FLOP/s for MFU (null: a table of known GPUs, or a measured matmul peak on CPU)."""
 
     epochs: float = 1.0
     max_steps: Optional[int] = None
@@ -94,6 +95,7 @@ class TrainConfig:
     resume: bool = False
     num_workers: int = 0
     threads: Optional[int] = None
+    peak_flops: Optional[float] = None
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Dict, Mapping, NamedTuple, Tuple, TypeVar
 import torch
 from torch import nn
 
-from .kdspace import Head, ModelSide, cross_entropy_sum, evaluate_space
+from .kdspace import Head, ModelSide, cross_entropy_flops, cross_entropy_sum, evaluate_space, space_flops
+from .telemetry import NullTimer, backbone_flops, backbone_shape
 
 CE = "ce"
 LOSS = "loss"
@@ -33,6 +34,26 @@ def with_loss(metrics: Dict[str, float], term_names, kd_weight: float) -> Dict[s
     if CE in metrics:
         metrics[LOSS] = objective({k: v for k, v in metrics.items() if k in term_names}, kd_weight)
     return metrics
+
+
+def move(batch, device):
+    """Copy a collated batch (``{part: {name: tensor}}``) to ``device``, keeping shared parts shared."""
+    moved = {}
+    for part, tensors in batch.items():
+        same = next((moved[p] for p in moved if batch[p] is tensors), None)
+        moved[part] = same if same is not None else {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+    return moved
+
+
+def forward_into(model, batch, tokens: int, sums, device, autocast_dtype=None) -> torch.Tensor:
+    """One micro-batch through ``model`` (a DistillModule, possibly DDP-wrapped) under autocast;
+    its terms (normalised by its ``tokens``) and ratios join ``sums`` (a MetricSums). Returns
+    the weighted loss sum with its graph."""
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(move(batch, device))
+    sums.add_terms(out.terms, tokens)
+    sums.add_ratios(out.counts)
+    return out.loss
 
 
 class StepOutput(NamedTuple):
@@ -57,13 +78,20 @@ def last_hidden(model, side: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class DistillModule(nn.Module):
-    """Student + projector + aligner, computing the loss terms of one micro-batch."""
+    """Student + projector + aligner, computing the loss terms of one micro-batch.
+
+    ``timer`` (a :class:`kdcore.telemetry.Timer`) receives the time of the student forward, the
+    teacher forward and the KD loss; ``last_flops`` holds the model FLOPs of the last call
+    (forward + backward when gradients are enabled), for MFU.
+    """
 
     def __init__(self, student, projector, aligner, criterion, kd_weight: float, chunk_size=None, teacher=None):
         super().__init__()
         self.student, self.projector, self.aligner = student, projector, aligner
         self.criterion, self.kd_weight, self.chunk_size = criterion, kd_weight, chunk_size
         self._teacher = [teacher]  # a list so it is not registered as a submodule (no DDP, no checkpoint)
+        self.timer, self.last_flops = NullTimer(), 0.0
+        self._shapes = {}
 
     @classmethod
     def for_run(cls, parts, objective_cfg, device) -> "DistillModule":
@@ -85,27 +113,40 @@ class DistillModule(nn.Module):
                          labels=batch_side["labels"], attention_mask=batch_side["attention_mask"],
                          embeddings=model.get_input_embeddings())
 
+    def _shape(self, model):
+        if id(model) not in self._shapes:
+            self._shapes[id(model)] = backbone_shape(model)
+        return self._shapes[id(model)]
+
     def terms(self, batch) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
         """Every loss term of a micro-batch as a sum with its graph, plus accuracy counts."""
-        s_batch = batch["student"]
-        h_s = last_hidden(self.student, s_batch)
+        s_batch, training = batch["student"], torch.is_grad_enabled()
+        with self.timer.section("student_forward"):
+            h_s = last_hidden(self.student, s_batch)
         student = self.side(self.student, s_batch, h_s)
+        flops = backbone_flops(self._shape(self.student), s_batch["attention_mask"], training)
         terms: Dict[str, torch.Tensor] = {}
         counts: Dict[str, Tuple[torch.Tensor, int]] = {}
         if self.kd_weight > 0 and self.teacher is not None:
-            with torch.no_grad():
+            with self.timer.section("teacher_forward"), torch.no_grad():
                 h_t = last_hidden(self.teacher, batch["teacher"])
+            flops += backbone_flops(self._shape(self.teacher), batch["teacher"]["attention_mask"], training=False)
             teacher = self.side(self.teacher, batch["teacher"], h_t)
             teacher.head = teacher.head.detached()
-            alignment = self.aligner.align(student, teacher, batch.get("align"))
-            for space in self.projector.spaces(student, teacher, alignment, self.criterion):
-                losses, accs = evaluate_space(space, self.chunk_size)
-                for key, value in losses.items():
-                    terms[key] = terms[key] + value if key in terms else value
-                counts.update(accs)
+            with self.timer.section("kd_loss"):
+                alignment = self.aligner.align(student, teacher, batch.get("align"))
+                for space in self.projector.spaces(student, teacher, alignment, self.criterion):
+                    losses, accs = evaluate_space(space, self.chunk_size)
+                    flops += space_flops(space, training)
+                    for key, value in losses.items():
+                        terms[key] = terms[key] + value if key in terms else value
+                    counts.update(accs)
         if CE not in terms:
             rows = student.mask
-            terms[CE] = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
+            with self.timer.section("kd_loss"):
+                terms[CE] = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
+            flops += cross_entropy_flops(int(rows.sum()), student.head, training)
+        self.last_flops = flops
         return terms, counts
 
     def forward(self, batch) -> StepOutput:

@@ -299,9 +299,10 @@ def score_file(path: Union[str, Path]) -> Dict[str, float]:
 
 # ----------------------------------------------------------------------------- during training
 
-class TrainingRouge:
-    """ROUGE-L inside a training run: the dev ROUGE-L at each evaluation (``eval.generate``)
-    and, with ``eval.test_split``, the student's before and after training and the teacher's.
+class RunEvaluation:
+    """The evaluations inside a training run: the loss terms on the eval split (every rank
+    evaluates its shard), the dev ROUGE-L at each evaluation (``eval.generate``) and, with
+    ``eval.test_split``, the student's ROUGE-L before and after training and the teacher's.
 
     Rank 0 generates and shares the value with the other ranks (one all-reduce), under a forked
     RNG so that evaluation never changes the training random stream. Sampling follows DSKD's
@@ -309,8 +310,41 @@ class TrainingRouge:
     ``eval.greedy`` (one pass instead of one per seed).
     """
 
-    def __init__(self, eval_cfg, task, dist, device):
-        self.cfg, self.task, self.dist, self.device = eval_cfg, task, dist, device
+    def __init__(self, config, parts, module, data, dist, device, autocast_dtype=None):
+        self.cfg, self.kd_weight, self.task = config.eval, config.objective.kd_weight, parts.task
+        self.parts, self.module, self.data = parts, module, data
+        self.dist, self.device, self.autocast_dtype = dist, device, autocast_dtype
+
+    def terms(self) -> Dict[str, float]:
+        """Every term's mean over the eval split (all ranks), plus the dev ROUGE-L when asked.
+        The module's own timer is silenced: evaluation time is the caller's ``eval`` section."""
+        import torch
+
+        from .data import response_tokens
+        from .distill import forward_into, with_loss
+        from .distributed import all_reduce_sum
+        from .metrics import MetricSums
+        from .telemetry import NullTimer
+
+        was_training, timer = self.module.training, self.module.timer
+        self.module.eval()
+        self.module.timer = NullTimer()
+        sums, tokens = MetricSums(), 0
+        with torch.no_grad():
+            for mb in self.data.eval_batches():
+                tokens += response_tokens(mb)
+                forward_into(self.module, mb, response_tokens(mb), sums, self.device, self.autocast_dtype)
+        n = float(all_reduce_sum(torch.tensor([float(tokens)], device=self.device), self.dist).item())
+        metrics = {**with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.kd_weight), "tokens": max(n, 1.0)}
+        if self.cfg.generate:
+            metrics["rouge_l"] = self.dev_rouge_l()
+        self.module.train(was_training)
+        self.module.timer = timer
+        return metrics
+
+    def dev_rouge_l(self) -> float:
+        """Dev ROUGE-L of the student's responses on the eval split."""
+        return self.score(self.parts.student_model, self.parts.student_tokenizer, self.data.eval_set.examples)
 
     def score(self, model, tokenizer, examples: Sequence[Example], ngram_block: int = 0) -> float:
         import torch
@@ -330,13 +364,13 @@ class TrainingRouge:
                 value += rouge_l_of(model, tokenizer, examples, settings, seeds=e.seeds[:1] if e.greedy else e.seeds)
         return float(all_reduce_sum(value, self.dist).item())
 
-    def test_split(self, stage: str, parts, out_dir: Path) -> Optional[Dict[str, float]]:
+    def test_split(self, stage: str, out_dir: Path) -> Optional[Dict[str, float]]:
         """Student ROUGE-L on ``eval.test_split`` at ``stage`` (``before``/``after``), plus the
         teacher's once (before); kept in ``out_dir/test_rouge.json``. Returns the record to log."""
         split = self.cfg.test_split
         if not split:
             return None
-        examples = self.task.examples(split)
+        examples, parts = self.task.examples(split), self.parts
         teacher = parts.teacher_model if stage == "before" else None
         if self.dist.is_main:
             who = "student and teacher" if teacher is not None else "student"

@@ -49,10 +49,11 @@ def implements_hooks(obj: Any) -> bool:
 
 
 class RunHooks:
-    """Calls lifecycle hooks; ``components`` are registered until :meth:`close`."""
+    """Calls the lifecycle hooks of the run ``run`` (passed to every hook); ``components`` are
+    registered until :meth:`close`."""
 
-    def __init__(self, components: Iterable[Any] = ()):
-        self.pm = get_registry().pm
+    def __init__(self, run: RunContext, components: Iterable[Any] = ()):
+        self.run, self.pm = run, get_registry().pm
         self._mine: List[Any] = []
         for obj in components:
             if implements_hooks(obj) and not self.pm.is_registered(obj):
@@ -62,10 +63,15 @@ class RunHooks:
     def call(self, hook: str, **kwargs) -> Dict[str, float]:
         """Call ``hook`` on every implementation; returns the metrics they reported, merged."""
         metrics: Dict[str, float] = {}
-        for result in getattr(self.pm.hook, hook)(**kwargs):
+        for result in getattr(self.pm.hook, hook)(run=self.run, **kwargs):
             if result is not None:
                 merge(metrics, result, hook)
         return metrics
+
+    def report(self, hook: str, record: Dict[str, float], **kwargs) -> Dict[str, float]:
+        """Call ``hook`` with a read-only copy of ``record`` as ``metrics`` and add the metrics
+        the hooks return to ``record``."""
+        return merge(record, self.call(hook, metrics=dict(record), **kwargs), hook)
 
     def close(self) -> None:
         for obj in self._mine:

@@ -230,6 +230,25 @@ def evaluate_space(space: Space, chunk_size: Optional[int] = None) -> Tuple[Dict
     return losses, counts
 
 
+def _head_flops(rows: int, head: Head, input_grad: bool, training: bool) -> float:
+    """``2·rows·h·V`` forward, plus as much for the rows' gradient and for a trainable head's."""
+    product = 2.0 * rows * head.hidden_size * head.vocab_size
+    weight_grad = not head.detach and head.weight.requires_grad
+    return product * (1 + (training and input_grad) + (training and weight_grad))
+
+
+def space_flops(space: Space, training: bool) -> float:
+    """Model FLOPs of a space's head products (the criterion's own elementwise work excluded)."""
+    teacher_grad = any(isinstance(t, CrossEntropy) and t.side == "teacher" for t in space.terms)
+    return (_head_flops(space.num_rows, space.student.head, space.student.hidden.requires_grad, training)
+            + _head_flops(space.num_rows, space.teacher.head, teacher_grad and space.teacher.hidden.requires_grad,
+                          training))
+
+
+def cross_entropy_flops(rows: int, head: Head, training: bool) -> float:
+    return _head_flops(rows, head, True, training)
+
+
 def cross_entropy_sum(hidden: torch.Tensor, head: Head, labels: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
     """``Σ_rows -log softmax(head(hidden))[label]``, chunked like the KD terms. hidden[N, h], labels[N]."""
     chunk_size = chunk_size or auto_chunk_rows(head.vocab_size)

@@ -25,13 +25,14 @@ from .assemble import Components, build_components, write_run_files
 from .checkpoint import Checkpoints
 from .config import Config
 from .data import RunData, response_tokens
-from .distill import LOSS, DistillModule, with_loss
+from .distill import LOSS, DistillModule, forward_into, with_loss
 from .distributed import DistInfo, all_reduce_sum, autocast_dtype, wrap_ddp
 from .errors import DataError
-from .evaluate import TrainingRouge
+from .evaluate import RunEvaluation
 from .hooks import RunContext, RunHooks
 from .metrics import MetricLog, MetricSums, merge
 from .optim import build_optimizer, optimizer_step
+from .telemetry import Throughput
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def move(batch, device):
-    """Copy a collated batch (``{part: {name: tensor}}``) to ``device``, keeping shared parts shared."""
-    moved = {}
-    for part, tensors in batch.items():
-        same = next((moved[p] for p in moved if batch[p] is tensors), None)
-        moved[part] = same if same is not None else {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
-    return moved
 
 
 class Cadence:
@@ -86,8 +78,10 @@ class Trainer:
         self.total_steps = self.data.total_steps(t.max_steps, t.epochs)
         self.optimizer, self.scheduler = build_optimizer(self.module, t, self.total_steps)
         self.cadence = Cadence(t, self.data.plan().steps_per_epoch, self.total_steps)
-        self.rouge = TrainingRouge(config.eval, p.task, dist_info, self.device)
         self.amp = autocast_dtype(t.precision, self.device)
+        self.evaluation = RunEvaluation(config, p, self.module, self.data, dist_info, self.device, self.amp)
+        self.throughput = Throughput(self.device, self.amp, t.peak_flops)
+        self.timer = self.module.timer = self.throughput.timer
         self.step, self.run, self.log, self.hooks = 0, RunContext(self), None, None
 
     # -- the loop ---------------------------------------------------------------------------
@@ -97,24 +91,28 @@ class Trainer:
         self._start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         last_eval: Dict[str, float] = {}
-        tick = time.perf_counter()
-        for micro in self.data.steps(self.step, self.total_steps):
+        steps = iter(self.data.steps(self.step, self.total_steps))
+        while True:
+            tick = time.perf_counter()
+            with self.timer.section("data"):
+                micro = next(steps, None)
+            if micro is None:
+                break
             metrics = self.train_step(micro)
-            metrics["tokens_per_s"] = metrics["tokens"] / max(time.perf_counter() - tick, 1e-9)
-            self._log_step(metrics)
+            self._log_step(metrics, time.perf_counter() - tick)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics[LOSS]:.4f}", lr=f"{metrics['lr']:.2e}")
             last_eval = self._evaluate_and_save(last_eval)
-            tick = time.perf_counter()
         bar.close()
         return self._finish(last_eval)
 
     def train_step(self, micro_batches) -> Dict[str, float]:
         """One optimizer step over this rank's micro-batches of a global batch."""
-        self.hooks.call("kdcore_before_step", run=self.run, step=self.step, batches=micro_batches)
+        self.hooks.call("kdcore_before_step", step=self.step, batches=micro_batches)
         metrics = self.accumulate(micro_batches)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics["grad_norm"] = self.optimizer_step()
+        with self.timer.section("optimizer"):
+            metrics["grad_norm"] = self.optimizer_step()
         self.step += 1
         return metrics
 
@@ -122,7 +120,9 @@ class Trainer:
         """Forward/backward over this rank's micro-batches of one global batch; leaves the summed
         gradients in ``.grad`` and returns the global means of every term."""
         counts = [response_tokens(mb) for mb in micro_batches]
-        n_global = float(all_reduce_sum(torch.tensor([float(sum(counts))]).to(self.device), self.dist).item())
+        everything = float(sum(int(mb["student"]["attention_mask"].sum()) for mb in micro_batches))
+        totals = all_reduce_sum(torch.tensor([float(sum(counts)), everything]).to(self.device), self.dist).tolist()
+        n_global, self.flops = totals[0], 0.0  # self.flops: this rank's model FLOPs of the step
         if n_global == 0:
             raise DataError("a global batch has no response tokens (every response was truncated away); "
                             "raise task.max_length or lower task.max_prompt_length")
@@ -130,28 +130,22 @@ class Trainer:
         for i, (mb, tokens) in enumerate(zip(micro_batches, counts)):
             last = i == len(micro_batches) - 1 or not self.dist.enabled
             with contextlib.nullcontext() if last else self.model.no_sync():  # DDP syncs once per step
-                loss = self._forward(self.model, mb, tokens, sums)
-                (loss * (self.dist.world_size / n_global)).backward()
-        return {**self._with_loss(sums), "tokens": n_global}
+                loss = forward_into(self.model, mb, tokens, sums, self.device, self.amp)
+                with self.timer.section("backward"):
+                    (loss * (self.dist.world_size / n_global)).backward()
+            self.flops += self.module.last_flops
+        metrics = with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.cfg.objective.kd_weight)
+        return {**metrics, "tokens": n_global, "all_tokens": totals[1]}
 
     def optimizer_step(self) -> float:
         params = [p for p in self.module.parameters() if p.requires_grad]
         return optimizer_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_grad)
 
-    def _forward(self, model, batch, tokens: int, sums: MetricSums) -> torch.Tensor:
-        """One micro-batch through ``model`` under autocast; its terms join ``sums``."""
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = model(move(batch, self.device))
-        sums.add_terms(out.terms, tokens)
-        sums.add_ratios(out.counts)
-        return out.loss
 
-    def _with_loss(self, sums: MetricSums) -> Dict[str, float]:
-        return with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.cfg.objective.kd_weight)
-
-    def _log_step(self, metrics: Dict[str, float]) -> None:
-        merge(metrics, self.hooks.call("kdcore_after_step", run=self.run, step=self.step, metrics=dict(metrics)),
-              "kdcore_after_step")
+    def _log_step(self, metrics: Dict[str, float], seconds: float) -> None:
+        """Throughput and time split (kdcore.telemetry.Throughput), hook metrics, then the record."""
+        self.throughput.step_metrics(metrics, self.flops, seconds)
+        self.hooks.report("kdcore_after_step", metrics, step=self.step)
         if self.cadence.logs(self.step):
             self.log.log("train", self.step, metrics)
 
@@ -164,56 +158,44 @@ class Trainer:
         return last_eval
 
     # -- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Every term's mean on the eval split (all ranks), plus the dev ROUGE-L when asked."""
-        was_training = self.module.training
-        self.module.eval()
-        sums, tokens = MetricSums(), 0
-        for mb in self.data.eval_batches():
-            tokens += response_tokens(mb)
-            self._forward(self.module, mb, response_tokens(mb), sums)
-        n = float(all_reduce_sum(torch.tensor([float(tokens)], device=self.device), self.dist).item())
-        metrics = {**self._with_loss(sums), "tokens": max(n, 1.0)}
-        if self.cfg.eval.generate:
-            metrics["rouge_l"] = self.dev_rouge_l()
-        self.module.train(was_training)
-        return metrics
+        return self.evaluation.terms()
 
     def evaluate_and_log(self) -> Dict[str, float]:
-        metrics = self.evaluate()
-        merge(metrics, self.hooks.call("kdcore_after_eval", run=self.run, step=self.step, metrics=dict(metrics)),
-              "kdcore_after_eval")
+        with self.timer.section("eval"):
+            metrics = self.evaluate()
+        metrics.update(self.timer.take())
+        self.hooks.report("kdcore_after_eval", metrics, step=self.step)
         self.log.log("eval", self.step, metrics)
         return metrics
 
     def dev_rouge_l(self) -> float:
-        """Dev ROUGE-L of the student's responses on the eval split."""
-        return self.rouge.score(self.parts.student_model, self.parts.student_tokenizer, self.data.eval_set.examples)
+        return self.evaluation.dev_rouge_l()
 
     # -- start, checkpoints, end ------------------------------------------------------------
     def _start(self) -> None:
         """Outputs, hooks, resume, and the evaluations before training."""
         if self.dist.is_main:
             write_run_files(self.cfg, self.out)
-        self.log, self.hooks = MetricLog(self.out, self.dist.is_main), RunHooks(self.parts.instances())
+        self.log, self.hooks = MetricLog(self.out, self.dist.is_main), RunHooks(self.run, self.parts.instances())
+        self.throughput.start()
         self.maybe_resume()
         self.module.train()
-        self.hooks.call("kdcore_run_start", run=self.run)
+        self.hooks.call("kdcore_run_start")
         if self.step == 0 and self.cfg.train.eval_at_start:
             self.evaluate_and_log()
         if self.step == 0:
             self._log_test_rouge("before")
 
     def _log_test_rouge(self, stage: str) -> None:
-        record = self.rouge.test_split(stage, self.parts, self.out)
+        record = self.evaluation.test_split(stage, self.out)
         if record is not None:
             self.log.log("test", self.step, record)
 
     def save_checkpoint(self, eval_metrics: Optional[Dict[str, float]] = None) -> None:
         is_best = self.checkpoints.observe(self.step, eval_metrics)
         self.checkpoints.save(self.step, self.module, self.optimizer, self.scheduler, {"total_steps": self.total_steps},
-                              extra=lambda d: self.hooks.call("kdcore_checkpoint_save", run=self.run, step=self.step, directory=d))
+                              extra=lambda d: self.hooks.call("kdcore_checkpoint_save", step=self.step, directory=d))
         if is_best:
             p = self.parts
             self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False)
@@ -223,16 +205,16 @@ class Trainer:
             if self.cfg.train.resume else None
         if restored is not None:
             self.step = restored[1]["step"]
-            self.hooks.call("kdcore_checkpoint_load", run=self.run, step=self.step, directory=restored[0])
+            self.hooks.call("kdcore_checkpoint_load", step=self.step, directory=restored[0])
 
     def _finish(self, last_eval: Dict[str, float]) -> Dict[str, float]:
         """Test-split ROUGE-L after training, ``final/`` (loadable by plain transformers), hooks."""
         self._log_test_rouge("after")
         p = self.parts
         self.checkpoints.export("final", p.tuner, p.student_model, p.student_tokenizer, final=True)
-        summary = self.hooks.call("kdcore_run_end", run=self.run, metrics=dict(last_eval))
-        if summary:
-            self.log.log("summary", self.step, summary)
+        summary = self.throughput.summary(print_table=self.dist.is_main)
+        merge(summary, self.hooks.call("kdcore_run_end", metrics=dict(last_eval)), "kdcore_run_end")
+        self.log.log("summary", self.step, summary)
         self.hooks.close()
         self.log.close()
         return last_eval
