@@ -75,3 +75,37 @@ def test_every_run_logs_throughput_mfu_and_the_time_split(make_config, tmp_path,
     summary = [r for r in records if r["split"] == "summary"]
     assert len(summary) == 1 and summary[0]["mfu"] > 0 and summary[0]["time/backward"] > 0
     assert "response tokens/s over 2 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,extra", [("configs/tiny/identity-none.yaml", []),
+                                          ("configs/tiny/cma-dual.yaml", ["--random-weights"])])
+def test_bench_train_times_a_config(repo_like_cwd, monkeypatch, tmp_path, config, extra):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parents[1] / "tools" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.chdir(repo_like_cwd)
+    out = tmp_path / "row.json"
+    assert bench.main([config, "--steps", "2", "--seq-len", "48", "--prompt-len", "16", "--micro-batch-size", "2",
+                       "--json", str(out), "train.peak_flops=1e12", *extra]) == 0
+    row = json.loads(out.read_text())
+    assert row["tokens_per_step"] == 2 * 48 and row["step_s"] > 0 and row["peak_mib"] > 0
+    assert row["mfu"] == pytest.approx(row["tflops"] * 1e12 / 1e12, rel=1e-6)
+    assert {"student_forward", "teacher_forward", "kd_loss", "backward", "optimizer"} <= set(row["time"])
+
+
+def test_bench_train_shapes_build_random_models():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).resolve().parents[1] / "tools" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.shape_config("gpt2")
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size) == (12, 768, 50257)
+    llama = bench.shape_config("tinyllama-1.1b")
+    assert (llama.num_hidden_layers, llama.num_key_value_heads) == (22, 4)
+    with pytest.raises(SystemExit, match="unknown shape 'gpt5'"):
+        bench.shape_config("gpt5")
