@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fused as fused_path
 from .errors import ModelError
 
 
@@ -159,6 +160,12 @@ class FirstColumns:
     def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return self.criterion.per_token(student_logits[:, :self.k], teacher_logits[:, :self.k])
 
+    def value_and_grad(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+        values, grad = self.criterion.value_and_grad(student_logits[:, :self.k], teacher_logits[:, :self.k])
+        full = grad.new_zeros(student_logits.shape)
+        full[:, :self.k] = grad
+        return values, full
+
 
 CHUNK_ELEMENTS = 2**26  # logits elements per chunk by default: 256 MiB per fp32 [chunk, V] tensor
 
@@ -206,18 +213,25 @@ def chunked(fn, tensors, chunk_size: int):
     return total
 
 
-def evaluate_space(space: Space, chunk_size: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
+def evaluate_space(space: Space, chunk_size: Optional[int] = None, weights: Optional[Dict[str, float]] = None,
+                   fused: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
     """Losses (sums over rows) and accuracy counts of one space, ``chunk_size`` rows at a time
     (default :func:`auto_chunk_rows` of the wider vocabulary).
 
     Returns ``losses`` with keys ``kd_<name>`` and the auxiliary CE names; ``counts`` maps
-    accuracy names to ``(correct, rows)``.
+    accuracy names to ``(correct, rows)``. With gradients enabled the losses come from
+    :mod:`kdcore.fused` (gradients computed in the forward pass; ``weights``: the objective's
+    term weights, for one combined gradient); ``fused=False``, or a side that needs a gradient
+    through a logits map, takes the checkpointed autograd path (each chunk's logits recomputed
+    in backward).
     """
     if space.teacher.hidden.shape[0] != space.num_rows:
         raise ValueError(f"space {space.name}: {space.num_rows} student rows vs {space.teacher.hidden.shape[0]} teacher rows")
     if space.terms and space.labels is None:
         raise ValueError(f"space {space.name}: labels are required for CE/accuracy terms")
     chunk_size = chunk_size or auto_chunk_rows(max(space.student.head.vocab_size, space.teacher.head.vocab_size))
+    if fused and torch.is_grad_enabled() and fused_path.supports(space):
+        return fused_path.evaluate_fused(space, chunk_size, weights)
     kd, *aux = chunked(lambda hs, ht, y, rows: _space_chunk(space, hs, ht, y, rows),
                        [space.student.hidden, space.teacher.hidden, space.labels], chunk_size)
     losses = {f"kd_{space.name}": kd}
