@@ -55,6 +55,27 @@ What a criterion must satisfy (docs/methods.md#criterion-contract), one check ea
     teacher; a column ``−inf`` in both is the same as no column (values equal to those of the
     logits with the column removed, ``ROW_RTOL``/``INF_ATOL``).
 
+``value_and_grad``
+    ``value_and_grad(student, teacher)`` returns ``([N] float32, [N, V_s] float32)``: the values
+    equal ``per_token``'s (``VG_VALUE_RTOL``/``VG_VALUE_ATOL``) and the gradient equals autograd's
+    gradient of ``per_token(...).sum()`` with respect to the student logits
+    (``VG_GRAD_RTOL`` relative plus ``VG_GRAD_ATOL_EPS · eps₃₂ · (1 + |value|) / T`` absolute
+    per row, ``T`` the criterion's ``temperature`` or 1: float32 rounding of a backward pass that
+    subtracts quantities of the size of the value), on the three distributions, on float32,
+    float64 (the reference gradient then in float64) and bfloat16 inputs (the reference on their
+    exact float32 upcast), with ``−inf`` columns in both and in the teacher only (exactly 0 where
+    both are ``−inf``), for 0 rows, and row blocks: splitting the rows changes nothing. It checks
+    whichever gradient the criterion has (:func:`kdcore.criterion.gradient_path`: ``analytic``
+    for its own closed form, ``autograd`` for the default), and names it in failures.
+``kd_per_token``
+    :func:`kdcore.criterion.kd_per_token` gives ``per_token``'s values, and its backward with
+    random per-row weights ``w`` gives ``w[:, None] · grad`` in the student's dtype (float32 and
+    bfloat16 inputs); with grad mode off it is ``per_token``; a teacher that requires grad
+    still receives its gradient.
+
+:func:`check_criterion` returns a :class:`ContractReport`: the names of the checks that ran, and
+its ``gradient_path``.
+
 Test distributions (:func:`make_logits`, :func:`make_pair`, :func:`distribution_pairs`; fixed
 seeds, student and teacher drawn independently): ``random`` (standard normal logits × 2),
 ``peaked`` (standard normal with one random logit +20 per row), ``near_uniform`` (standard
@@ -68,6 +89,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import torch
 
+from .criterion import gradient_path
+
 DISTRIBUTIONS: Tuple[str, ...] = ("random", "peaked", "near_uniform")
 
 ZERO_ATOL = 1e-6
@@ -77,6 +100,8 @@ ROW_RTOL, ROW_ATOL = 1e-6, 1e-7
 INF_ATOL = 1e-6
 UPCAST_RTOL, UPCAST_ATOL = 1e-5, 1e-6
 BF16_RTOL, BF16_ATOL = 3e-2, 2e-3
+VG_VALUE_RTOL, VG_VALUE_ATOL = 1e-5, 1e-6
+VG_GRAD_RTOL, VG_GRAD_ATOL_EPS = 1e-4, 64
 
 
 # -- test distributions ------------------------------------------------------------------
@@ -154,8 +179,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: floa
     if bad.any():
         i = int(bad.nonzero()[0][0])
         worst = (actual - expected).abs().nan_to_num(math.inf).max().item()
+        atol_text = f"{float(torch.as_tensor(atol).max()):.3g}" + ("" if isinstance(atol, (int, float)) else " (max)")
         raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} values differ beyond rtol={rtol:g} atol={atol:g}; "
+            f"{what}: {int(bad.sum())}/{bad.numel()} values differ beyond rtol={rtol:g} atol={atol_text}; "
             f"e.g. row {i}: {actual.flatten()[i].item():.10g} vs {expected.flatten()[i].item():.10g} "
             f"(max abs diff {worst:.3g})"
         )
@@ -330,6 +356,79 @@ def check_neg_inf_columns(criterion, n: int = 8, v: int = 64, seed: int = 0, dev
             raise AssertionError(f"identical inputs with −inf columns: expected 0, got {vals.abs().max().item():.3g}")
 
 
+def _gradient_tolerance(criterion, values: torch.Tensor) -> torch.Tensor:
+    """Per-row absolute gradient tolerance ``[N, 1]`` of the value_and_grad check."""
+    temperature = float(getattr(criterion, "temperature", 1.0) or 1.0)
+    eps = torch.finfo(torch.float32).eps
+    return (VG_GRAD_ATOL_EPS * eps * (1 + values.detach().double().abs().cpu()) / temperature)[:, None]
+
+
+def _value_and_grad_matches(criterion, student: torch.Tensor, teacher: torch.Tensor, what: str):
+    """``value_and_grad`` against ``per_token`` and its autograd gradient; returns ``(values, grad)``."""
+    values, grad = criterion.value_and_grad(student, teacher)
+    n, v = student.shape
+    for name, x, shape in (("values", values, (n,)), ("gradient", grad, (n, v))):
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape or x.dtype != torch.float32:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise AssertionError(f"{what}: value_and_grad {name} are {got}, expected {shape} torch.float32")
+    leaf = student if student.dtype in (torch.float32, torch.float64) else student.float()
+    ref_values, ref_grad, _ = _grads(criterion, leaf, teacher)
+    _assert_finite(grad, f"{what}: value_and_grad gradient")
+    _close(values, ref_values, VG_VALUE_RTOL, VG_VALUE_ATOL, f"{what}: value_and_grad values vs per_token")
+    _close(grad, ref_grad, VG_GRAD_RTOL, _gradient_tolerance(criterion, ref_values),
+           f"{what}: value_and_grad gradient vs autograd of per_token")
+    return values, grad
+
+
+def check_value_and_grad(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
+    pairs = dict(distribution_pairs(n, v, seed, device=device))
+    s, t = pairs["random"]
+    pairs.update({"float64 inputs": (s.double(), t.double()), "bfloat16 inputs": (s.bfloat16(), t.bfloat16())})
+    s, t_both, t, both, _ = _with_neg_inf(n, v, seed, device)
+    pairs["columns −inf in the teacher only"] = (s, t)
+    for what, (student, teacher) in pairs.items():
+        _value_and_grad_matches(criterion, student, teacher, what)
+    _, grad = _value_and_grad_matches(criterion, s, t_both, "columns −inf in both")
+    if (grad[:, both] != 0).any():
+        raise AssertionError("columns −inf in both: value_and_grad gives a masked column a nonzero gradient")
+    empty_v, empty_g = criterion.value_and_grad(torch.zeros(0, v, device=device), torch.zeros(0, v, device=device))
+    if tuple(empty_v.shape) != (0,) or tuple(empty_g.shape) != (0, v):
+        raise AssertionError(f"0 rows: value_and_grad shapes {tuple(empty_v.shape)}, {tuple(empty_g.shape)}")
+    s, t = pairs["random"]
+    values, grad = criterion.value_and_grad(s, t)
+    k = max(1, n // 3)
+    parts = [criterion.value_and_grad(s[a:b], t[a:b]) for a, b in ((0, k), (k, n))]
+    _close(torch.cat([p[0] for p in parts]), values, ROW_RTOL, ROW_ATOL, f"value_and_grad values of rows split at {k}")
+    _close(torch.cat([p[1] for p in parts]), grad, ROW_RTOL, ROW_ATOL, f"value_and_grad gradient of rows split at {k}")
+
+
+def check_kd_per_token(criterion, n: int = 8, v: int = 64, seed: int = 0, device="cpu") -> None:
+    from .criterion import kd_per_token
+
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(seed + 5), dtype=torch.float64).to(device) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = make_pair("random", n, v, seed, dtype=dtype, device=device)
+        leaf = s.clone().requires_grad_(True)
+        out = kd_per_token(criterion, leaf, t)
+        ref_values, ref_grad, _ = _grads(criterion, s.float(), t)
+        _close(out, ref_values, VG_VALUE_RTOL, VG_VALUE_ATOL, f"{dtype} inputs: kd_per_token values vs per_token")
+        (out * weights.to(out.dtype)).sum().backward()
+        if leaf.grad is None or leaf.grad.dtype != dtype:
+            raise AssertionError(f"{dtype} inputs: kd_per_token gave the student gradient "
+                                 f"{None if leaf.grad is None else leaf.grad.dtype}, expected {dtype}")
+        tol = _gradient_tolerance(criterion, ref_values) * weights.cpu()[:, None]
+        if dtype == torch.bfloat16:  # the gradient itself is rounded to bfloat16
+            tol = tol + 2 ** -8 * (weights.cpu()[:, None] * ref_grad.detach().double().cpu()).abs()
+        _close(leaf.grad, weights[:, None] * ref_grad.double(), VG_GRAD_RTOL, tol,
+               f"{dtype} inputs: kd_per_token backward vs weights · autograd gradient of per_token")
+    s, t = make_pair("random", n, v, seed, device=device)
+    with torch.no_grad():
+        _close(kd_per_token(criterion, s, t), _values(criterion, s, t), 0.0, 0.0, "kd_per_token under no_grad")
+    teacher = t.clone().requires_grad_(True)
+    kd_per_token(criterion, s.clone().requires_grad_(True), teacher).sum().backward()
+    _assert_finite(teacher.grad, "kd_per_token with a teacher that requires grad: teacher gradient")
+
+
 CHECK_FUNCTIONS: Dict[str, Callable] = {
     "shape_dtype": check_shape_dtype,
     "identical": check_identical,
@@ -340,8 +439,11 @@ CHECK_FUNCTIONS: Dict[str, Callable] = {
     "batch_split": check_batch_split,
     "low_precision": check_low_precision,
     "neg_inf_columns": check_neg_inf_columns,
+    "value_and_grad": check_value_and_grad,
+    "kd_per_token": check_kd_per_token,
 }
 CHECKS: Tuple[str, ...] = tuple(CHECK_FUNCTIONS)
+GRADIENT_CHECKS = frozenset({"value_and_grad", "kd_per_token"})
 
 
 def run_check(name_or_class, check: str, *, n: int = 8, v: int = 64, seed: int = 0, device="cpu", **kwargs) -> None:
@@ -352,14 +454,29 @@ def run_check(name_or_class, check: str, *, n: int = 8, v: int = 64, seed: int =
     try:
         CHECK_FUNCTIONS[check](criterion, n=n, v=v, seed=seed, device=device)
     except AssertionError as exc:
-        raise AssertionError(f"criterion {_label(criterion)!r} fails {check!r}: {exc}") from None
+        path = f" ({gradient_path(criterion)} gradient)" if check in GRADIENT_CHECKS else ""
+        raise AssertionError(f"criterion {_label(criterion)!r} fails {check!r}{path}: {exc}") from None
+
+
+class ContractReport(list):
+    """What :func:`check_criterion` ran: a list of check names, plus ``gradient_path``,
+    ``"analytic"`` or ``"autograd"`` (:func:`kdcore.criterion.gradient_path`): the gradient
+    that the ``value_and_grad`` and ``kd_per_token`` checks verified."""
+
+    def __init__(self, checks: Iterable[str], gradient_path: str):
+        super().__init__(checks)
+        self.gradient_path = gradient_path
+
+    def __repr__(self) -> str:
+        return f"ContractReport({list(self)!r}, gradient_path={self.gradient_path!r})"
 
 
 def check_criterion(name_or_class, *, checks: Optional[Iterable[str]] = None, n: int = 8, v: int = 64,
-                    seed: int = 0, device="cpu", **kwargs) -> List[str]:
+                    seed: int = 0, device="cpu", **kwargs) -> ContractReport:
     """Run the contract checks (all by default) on a criterion given by registered name, class
-    or instance; ``kwargs`` are its constructor arguments. Returns the names of the checks run;
-    raises ``AssertionError`` listing every failing check."""
+    or instance; ``kwargs`` are its constructor arguments. Returns a :class:`ContractReport` (the
+    names of the checks run and the criterion's gradient path); raises ``AssertionError``
+    listing every failing check."""
     criterion = resolve_criterion(name_or_class, **kwargs)
     selected: Sequence[str] = tuple(checks) if checks is not None else CHECKS
     failures = []
@@ -370,4 +487,4 @@ def check_criterion(name_or_class, *, checks: Optional[Iterable[str]] = None, n:
             failures.append(str(exc))
     if failures:
         raise AssertionError(f"{len(failures)} contract check(s) failed:\n" + "\n".join(failures))
-    return list(selected)
+    return ContractReport(selected, gradient_path(criterion))

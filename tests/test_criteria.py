@@ -10,9 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kdcore
+import kdcore.criterion
 import kdcore.testing
+from kdcore.criterion import gradient_path, kd_per_token
 from kdcore.errors import ConfigError
 from kdcore.testing import CHECKS, DISTRIBUTIONS, make_pair, run_check
 
@@ -123,10 +126,34 @@ def ref_akl(zs, zt, T, alpha=0.5):
     return w[:, 0] * ref_fkl(zs, zt, T) + w[:, 1] * ref_rkl(zs, zt, T)
 
 
+def ref_uld(zs, zt, T):
+    """ULD (DSKD §8.2): L1 between descending-sorted probabilities, the narrower one zero-padded."""
+    ps = _log_probs(zs, T).exp().sort(-1, descending=True).values
+    pt = _log_probs(zt, T).exp().sort(-1, descending=True).values
+    width = max(ps.shape[-1], pt.shape[-1])
+    return (F.pad(ps, (0, width - ps.shape[-1])) - F.pad(pt, (0, width - pt.shape[-1]))).abs().sum(-1)
+
+
 REFERENCES = {
     "fkl": ref_fkl, "rkl": ref_rkl, "jsd": ref_jsd, "skl": ref_skl, "srkl": ref_srkl,
-    "tvd": ref_tvd, "akl": ref_akl, "ce": ref_ce,
+    "tvd": ref_tvd, "akl": ref_akl, "ce": ref_ce, "uld": ref_uld,
 }
+
+
+def sign_ambiguous_rows(name, zs, zt, T):
+    """Rows ``[N]`` whose subgradient sign is below float32 resolution somewhere: tvd and uld
+    differentiate ``|a − b|`` of two probabilities (uld: sorted and padded), and where the float64
+    ``a − b`` is within 3e-6 relative of 0, float32 probabilities may give it the other sign (or
+    0). The gradients of those rows are not compared (all rows of near-uniform pairs, say)."""
+    if name not in ("tvd", "uld"):
+        return torch.zeros(zs.shape[0], dtype=torch.bool)
+    ps, pt = _log_probs(zs, T).exp(), _log_probs(zt, T).exp()
+    if name == "uld":
+        ps, pt = ps.sort(-1, descending=True).values, pt.sort(-1, descending=True).values
+        width = max(ps.shape[-1], pt.shape[-1])
+        ps, pt = F.pad(ps, (0, width - ps.shape[-1])), F.pad(pt, (0, width - pt.shape[-1]))
+    top = torch.maximum(ps, pt)
+    return (((ps - pt).abs() <= 3e-6 * top) & (top > 0)).any(-1)
 
 
 # -- values and gradients against the references -----------------------------------------
@@ -137,6 +164,12 @@ def _assert_close(actual, expected, rtol, atol, what):
     assert not bad.any(), (
         f"{what}: {int(bad.sum())} of {bad.numel()} differ; max abs diff {(actual - expected).abs().max().item():.3g}, "
         f"e.g. {actual[bad][0].item():.10g} vs {expected[bad][0].item():.10g}")
+
+
+def _row_relative_error(grad, ref):
+    """Worst row of max|grad − ref| / max|ref| (normwise per row)."""
+    err = (grad.double() - ref).abs().amax(-1)
+    return (err / ref.abs().amax(-1).clamp_min(1e-300)).max().item()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -153,28 +186,194 @@ def test_matches_float64_reference(name, kind, temperature):
     ref = REFERENCES[name](s64, t64, temperature)
     ref.sum().backward()
     _assert_close(got, ref, VALUE_RTOL, VALUE_ATOL, f"{name} values")
-    if name == "tvd" and kind == "near_uniform":
-        return  # |p_s − p_t| is below float32 resolution for some columns: the subgradient sign is noise
+    rows = ~sign_ambiguous_rows(name, s, t, temperature)
     atol = (GRAD_ATOL_EPS * EPS32 * (1 + ref.detach().abs()) / temperature)[:, None]
-    _assert_close(s32.grad, s64.grad, GRAD_RTOL, atol, f"{name} student gradient")
-    _assert_close(t32.grad, t64.grad, GRAD_RTOL, atol, f"{name} teacher gradient")
+    _assert_close(s32.grad[rows], s64.grad[rows], GRAD_RTOL, atol[rows], f"{name} student gradient")
+    _assert_close(t32.grad[rows], t64.grad[rows], GRAD_RTOL, atol[rows], f"{name} teacher gradient")
+    # The closed form (value_and_grad) against the same reference, and normwise per row at least
+    # as accurate as autograd on per_token (within a factor 2, or 2e-6).
+    values, grad = crit.value_and_grad(s, t)
+    assert values.dtype == grad.dtype == torch.float32 and values.shape == (N,) and grad.shape == (N, V)
+    _assert_close(values, ref, VALUE_RTOL, VALUE_ATOL, f"{name} value_and_grad values")
+    _assert_close(grad[rows], s64.grad[rows], GRAD_RTOL, atol[rows], f"{name} analytic gradient")
+    if rows.any():
+        autograd_error = _row_relative_error(s32.grad[rows], s64.grad[rows])
+        assert _row_relative_error(grad[rows], s64.grad[rows]) <= max(2 * autograd_error, 2e-6)
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCES))
-def test_neg_inf_columns_match_reference(name):
-    """reference/dskd.md §8(c): values on random logits including −inf entries."""
+def _masked_columns():
+    """``(student, teacher, both, teacher_only)``: random logits, the ``both`` columns ``−inf`` in
+    the student (the teacher is left to the caller), ``teacher_only`` disjoint from them."""
     s, t = make_pair("random", N, V, seed=5)
     both, t_only = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
     both[::7] = True
     t_only[3::11] = True
     t_only &= ~both
-    s = s.masked_fill(both, -math.inf)
+    return s.masked_fill(both, -math.inf), t, both, t_only
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_neg_inf_columns_match_reference(name):
+    """reference/dskd.md §8(c): values on random logits including −inf entries."""
+    s, t, both, t_only = _masked_columns()
     t = t.masked_fill(both | t_only, -math.inf)
     for temperature in (1.0, 2.0):
         crit = kdcore.build("criterion", {"name": name, "temperature": temperature})
         with torch.no_grad():
             ref = REFERENCES[name](s, t, temperature)
         _assert_close(crit.per_token(s, t), ref, VALUE_RTOL, VALUE_ATOL, f"{name} with −inf columns")
+
+
+# -- analytic gradients (value_and_grad) against the float64 references ----------------------
+
+def _ref_grad(name, s, t, T):
+    """Values and student gradient of the float64 reference at the exact float64 upcast."""
+    s64 = s.double().requires_grad_(True)
+    ref = REFERENCES[name](s64, t.double(), T)
+    ref.sum().backward()
+    return ref.detach(), s64.grad
+
+
+def _assert_gradient(name, grad, ref_values, ref_grad, T, what, rows=None):
+    atol = (GRAD_ATOL_EPS * EPS32 * (1 + ref_values.abs()) / T)[:, None]
+    rows = slice(None) if rows is None else rows
+    _assert_close(grad[rows], ref_grad[rows], GRAD_RTOL, atol[rows], what)
+
+
+def test_builtins_have_analytic_gradients():
+    for name in REFERENCES:
+        assert gradient_path(kdcore.build("criterion", name)) == "analytic", name
+    assert set(REFERENCES) == set(kdcore.names("criterion"))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_analytic_gradient_with_neg_inf_columns(name):
+    s, t, both, t_only = _masked_columns()
+    for teacher_mask in (both, both | t_only):
+        tm = t.masked_fill(teacher_mask, -math.inf)
+        for temperature in (1.0, 2.0):
+            crit = kdcore.build("criterion", {"name": name, "temperature": temperature})
+            values, grad = crit.value_and_grad(s, tm)
+            ref_values, ref_grad = _ref_grad(name, s, tm, temperature)
+            assert torch.isfinite(values).all() and torch.isfinite(grad).all()
+            assert (grad[:, both] == 0).all()
+            _assert_close(values, ref_values, VALUE_RTOL, VALUE_ATOL, f"{name} values with −inf columns")
+            _assert_gradient(name, grad, ref_values, ref_grad, temperature, f"{name} gradient with −inf columns",
+                             ~sign_ambiguous_rows(name, s, tm, temperature))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_analytic_gradient_of_bf16_inputs_is_float32_math(name):
+    s, t = (x.bfloat16() for x in make_pair("random", N, V, seed=8))
+    crit = kdcore.build("criterion", {"name": name, "temperature": 2.0})
+    values, grad = crit.value_and_grad(s, t)
+    assert values.dtype == grad.dtype == torch.float32
+    ref_values, ref_grad = _ref_grad(name, s, t, 2.0)  # the exact upcast of the bf16 logits
+    _assert_close(values, ref_values, VALUE_RTOL, VALUE_ATOL, f"{name} bf16 values")
+    _assert_gradient(name, grad, ref_values, ref_grad, 2.0, f"{name} bf16 gradient", ~sign_ambiguous_rows(name, s, t, 2.0))
+
+
+@pytest.mark.parametrize("v_s,v_t", [(300, 1000), (1000, 300), (1000, 1000)])
+def test_uld_analytic_gradient_across_widths(v_s, v_t):
+    gen = torch.Generator().manual_seed(11)
+    s, t = torch.randn(N, v_s, generator=gen) * 2, torch.randn(N, v_t, generator=gen) * 2
+    crit = kdcore.build("criterion", "uld")
+    values, grad = crit.value_and_grad(s, t)
+    assert grad.shape == (N, v_s)
+    ref_values, ref_grad = _ref_grad("uld", s, t, 1.0)
+    _assert_close(values, ref_values, VALUE_RTOL, VALUE_ATOL, "uld values across widths")
+    _assert_gradient("uld", grad, ref_values, ref_grad, 1.0, "uld gradient across widths",
+                     ~sign_ambiguous_rows("uld", s, t, 1.0))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_value_and_grad_is_invariant_to_row_blocks_and_chunks(name, monkeypatch):
+    import kdcore.criterion as kc
+
+    crit = kdcore.build("criterion", {"name": name, "temperature": 2.0})
+    s, t = make_pair("random", N, V, seed=9)
+    monkeypatch.setitem(kc.BLOCK_ELEMENTS, "cpu", N * V)  # one block
+    values, grad = crit.value_and_grad(s, t)
+    monkeypatch.setitem(kc.BLOCK_ELEMENTS, "cpu", 3 * V)  # blocks of 3 rows, the last one short
+    blocked = crit.value_and_grad(s, t)
+    chunks = [crit.value_and_grad(s[a:b], t[a:b]) for a, b in ((0, 5), (5, 6), (6, N))]
+    for what, (v2, g2) in (("blocks", blocked), ("chunks", tuple(torch.cat(x) for x in zip(*chunks)))):
+        torch.testing.assert_close(v2, values, rtol=1e-6, atol=1e-7, msg=f"{name}: values over {what}")
+        torch.testing.assert_close(g2, grad, rtol=1e-6, atol=1e-9, msg=f"{name}: gradient over {what}")
+
+
+# -- kd_per_token: values and a backward that reuses the saved gradient -------------------------
+
+def test_kd_per_token_backward_is_the_saved_gradient_scaled(monkeypatch):
+    crit = kdcore.build("criterion", {"name": "jsd", "temperature": 2.0})
+    calls, saved = [], {}
+    real_value_and_grad = crit.value_and_grad
+
+    def recording_value_and_grad(s, t):
+        calls.append("value_and_grad")
+        values, grad = real_value_and_grad(s, t)
+        saved["ptr"], saved["copy"] = grad.data_ptr(), grad.clone()
+        return values, grad
+
+    monkeypatch.setattr(crit, "value_and_grad", recording_value_and_grad)
+    monkeypatch.setattr(crit, "per_token", lambda *a: calls.append("per_token"))
+    s, t = make_pair("random", N, V, seed=12)
+    leaf = s.clone().requires_grad_(True)
+    out = kd_per_token(crit, leaf, t)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(1))
+    (out * weights).sum().backward()
+    assert calls == ["value_and_grad"]  # forward once; backward never re-runs the criterion
+    assert torch.equal(leaf.grad, weights[:, None] * saved["copy"])
+    assert leaf.grad.data_ptr() == saved["ptr"]  # scaled in place and handed over: no second [N, V] tensor
+    with pytest.raises(RuntimeError):  # the saved gradient was consumed: a second backward is refused
+        out2 = kd_per_token(crit, leaf, t)
+        out2.sum().backward(retain_graph=True)
+        out2.sum().backward()
+
+
+def test_kd_per_token_falls_back_to_per_token():
+    crit = kdcore.build("criterion", "rkl")
+    s, t = make_pair("random", N, V, seed=13)
+    with torch.no_grad():
+        assert torch.equal(kd_per_token(crit, s, t), crit.per_token(s, t))
+    assert kd_per_token(crit, s, t).grad_fn is None  # the student does not require grad
+    # a teacher that requires grad takes autograd, so that it gets its gradient
+    teacher, ref_teacher = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    assert gradient_path(crit, teacher) == "autograd" and gradient_path(crit, t) == "analytic"
+    kd_per_token(crit, s.clone().requires_grad_(True), teacher).sum().backward()
+    crit.per_token(s, ref_teacher).sum().backward()
+    torch.testing.assert_close(teacher.grad, ref_teacher.grad)
+
+
+def test_kd_per_token_bf16_student_gets_a_bf16_gradient():
+    crit = kdcore.build("criterion", "fkl")
+    s, t = (x.bfloat16() for x in make_pair("random", N, V, seed=14))
+    leaf = s.clone().requires_grad_(True)
+    kd_per_token(crit, leaf, t).sum().backward()
+    assert leaf.grad.dtype == torch.bfloat16
+    _, grad = crit.value_and_grad(s, t)
+    assert torch.equal(leaf.grad, grad.bfloat16())
+
+
+def test_gradient_path_of_criteria_without_a_closed_form():
+    from kdcore.criterion import TemperedDivergence
+
+    class OnlyDivergence(TemperedDivergence):
+        name = "only_divergence_test"
+
+        def divergence(self, log_p_s, log_p_t):
+            return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+    for crit in (_Hellinger(), OnlyDivergence(2.0)):
+        assert gradient_path(crit) == "autograd"
+        s, t = make_pair("random", 4, 50, seed=15)
+        values, grad = crit.value_and_grad(s.bfloat16(), t)
+        assert values.dtype == grad.dtype == torch.float32 and grad.shape == (4, 50)
+        leaf = s.bfloat16().float().requires_grad_(True)
+        crit.per_token(leaf, t).sum().backward()
+        torch.testing.assert_close(grad, leaf.grad)
+        out = kd_per_token(crit, s.clone().requires_grad_(True), t)
+        assert out.grad_fn is not None and "KDPerToken" not in type(out.grad_fn).__name__
 
 
 # -- criterion-specific behaviour ----------------------------------------------------------
@@ -223,12 +422,14 @@ def test_akl_identical_rows_are_zero_not_nan():
 def test_akl_weights_are_stop_gradient():
     # With constant weights the student gradient is w_head·∇KL + w_tail·∇RKL (the reference
     # test checks this against autograd through numpy-computed weights); here: weights of a
-    # pure-KL split give exactly the fkl gradient.
+    # pure-KL split give exactly the fkl gradient, by autograd and in closed form.
     s, t = make_pair("random", 4, 50, seed=2)
     s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    kdcore.build("criterion", {"name": "akl", "alpha": 0.0}).per_token(s1, t).sum().backward()
-    kdcore.build("criterion", "fkl").per_token(s2, t).sum().backward()
+    akl, fkl = kdcore.build("criterion", {"name": "akl", "alpha": 0.0}), kdcore.build("criterion", "fkl")
+    akl.per_token(s1, t).sum().backward()
+    fkl.per_token(s2, t).sum().backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(akl.value_and_grad(s, t)[1], fkl.value_and_grad(s, t)[1], rtol=1e-6, atol=1e-7)
 
 
 def test_jsd_beta_weights_the_teacher():
@@ -307,8 +508,41 @@ class _NotZeroOnIdentical(_Hellinger):
         return super().per_token(s, t) + 0.01
 
 
+class _WrongClosedForm(kdcore.criterion.TemperedDivergence):
+    """Forward KL with a closed-form gradient that forgets the log-softmax Jacobian's Σ term."""
+
+    name = "wrong_closed_form_test"
+
+    def divergence(self, log_p_s, log_p_t):
+        return kdcore.criterion.masked_sum(log_p_t.exp(), log_p_t - log_p_s)
+
+    def divergence_and_grad(self, log_p_s, log_p_t, out):
+        values = self.divergence(log_p_s, log_p_t)
+        torch.neg(log_p_t.exp(), out=out)
+        return values
+
+
+class _Float64ValueAndGrad(_Hellinger):
+    def value_and_grad(self, s, t):
+        values, grad = super().value_and_grad(s, t)
+        return values.double(), grad
+
+
 def test_suite_accepts_a_correct_third_party_criterion():
-    assert kdcore.testing.check_criterion(_Hellinger, temperature=2.0) == list(CHECKS)
+    report = kdcore.testing.check_criterion(_Hellinger, temperature=2.0)
+    assert report == list(CHECKS) and report.gradient_path == "autograd"
+    assert kdcore.testing.check_criterion("fkl", checks=["value_and_grad"]).gradient_path == "analytic"
+
+
+def test_fixture_package_passes_the_contract_through_autograd(monkeypatch):
+    """tests/fixtures/kdcore-hellinger: a third-party criterion without a closed-form gradient."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures" / "kdcore-hellinger"))
+    from kdcore_hellinger import Hellinger
+
+    report = kdcore.testing.check_criterion(Hellinger, temperature=2.0)
+    assert report == list(CHECKS) and report.gradient_path == "autograd"
 
 
 @pytest.mark.parametrize("broken,failing_check", [
@@ -316,9 +550,12 @@ def test_suite_accepts_a_correct_third_party_criterion():
     (_LowPrecisionMath, "low_precision"),
     (_NaNOnMaskedColumns, "neg_inf_columns"),
     (_NotZeroOnIdentical, "identical"),
+    (_WrongClosedForm, "value_and_grad' \\(analytic gradient\\)"),
+    (_WrongClosedForm, "kd_per_token' \\(analytic gradient\\)"),
+    (_Float64ValueAndGrad, "value_and_grad' \\(autograd gradient\\)"),
 ])
 def test_suite_rejects_broken_criteria(broken, failing_check):
-    with pytest.raises(AssertionError, match=f"fails '{failing_check}'"):
+    with pytest.raises(AssertionError, match=f"fails '{failing_check}"):
         kdcore.testing.check_criterion(broken)
 
 

@@ -92,6 +92,47 @@ def _peak_rss_bytes(exact: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def measure(step, n: int, repeats: int, device) -> dict:
+    """Warm ``step(rows)`` up on 8 rows, then run it on ``n`` rows ``repeats`` times: the peak
+    extra memory of the first full run over the baseline after warm-up (see the module
+    docstring), the median wall time, and the first run's return value."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step(min(8, n))  # warm-up: kernels, libraries, allocator pools
+    sync()
+    exact = True
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        import gc
+
+        gc.collect()
+        baseline = _rss_bytes()
+        exact = _reset_peak_rss()
+    times = []
+    t0 = time.perf_counter()
+    value = step(n)
+    sync()
+    times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = _peak_rss_bytes(exact) - baseline
+    for _ in range(max(repeats, 1) - 1):
+        t0 = time.perf_counter()
+        step(n)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "peak_bytes": peak, "exact": exact, "value": value,
+            "times_ms": [1000 * t for t in times]}
+
+
 def worker(args) -> dict:
     try:  # if a configuration does not fit after all, the kernel should kill this worker first
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -139,39 +180,7 @@ def worker(args) -> dict:
         w_s.grad = None
         return value
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    step(min(8, n))  # warm-up: kernels, libraries, allocator pools
-    sync()
-    exact = True
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        import gc
-
-        gc.collect()
-        baseline = _rss_bytes()
-        exact = _reset_peak_rss()
-    times = []
-    t0 = time.perf_counter()
-    value = step(n)
-    sync()
-    times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - baseline
-    else:
-        peak = _peak_rss_bytes(exact) - baseline
-    for _ in range(max(args.repeats, 1) - 1):
-        t0 = time.perf_counter()
-        step(n)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1000 * statistics.median(times), "peak_bytes": peak, "exact": exact, "loss": value,
-            "times_ms": [1000 * t for t in times]}
+    return measure(step, n, args.repeats, device)
 
 
 # -- driver ---------------------------------------------------------------------------------
@@ -185,18 +194,206 @@ def estimate_bytes(criterion: str, mode: str, v: int, n: int, d: int, dt: int, c
 
 
 def run_one(args, criterion: str, mode: str, v: int, n: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--criterion", criterion,
-           "--vocab", str(v), "--tokens", str(n), "--hidden", str(args.hidden),
-           "--teacher-hidden", str(args.teacher_hidden or args.hidden), "--device", args.device,
-           "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
-    if args.train_head:
-        cmd.append("--train-head")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), KDCORE_DISABLE_PLUGIN_AUTOLOAD="0")
+    cmd = ["--mode", mode, "--criterion", criterion, "--vocab", str(v), "--tokens", str(n),
+           "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden or args.hidden),
+           "--chunk-size", str(args.chunk_size), "--dtype", args.dtype]
+    return spawn(args, cmd + (["--train-head"] if args.train_head else []))
+
+
+def spawn(args, worker_args) -> dict:
+    """Run one measurement in a fresh worker process (see the module docstring); its JSON result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--device", args.device,
+           "--repeats", str(args.repeats), *worker_args]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20), KDCORE_DISABLE_PLUGIN_AUTOLOAD="0",
+               TRL_EXPERIMENTAL_SILENCE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         return {"error": f"failed (exit {proc.returncode}: {tail[0][:80]})"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- criterion level: kdcore's analytic gradient side by side with autograd formulas ---------------
+
+IMPLEMENTATIONS = ("kdcore", "autograd", "dskd", "trl")
+# TRL's generalized_jsd_loss covers three of the criteria: beta = 0 is forward KL, beta = 1
+# reverse KL, and in between the same generalised JSD as ``jsd`` (beta = the teacher's weight).
+TRL_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}
+
+
+def dskd_reference(name: str, temperature: float):
+    """``f(student_logits, teacher_logits) -> [N]``: the criterion as the DSKD code writes it
+    (docs/benchmarks.md, "Criteria"): float32 (log-)softmax of both sides, elementwise products
+    with infinite-logit terms zeroed by ``masked_fill``, JS with ``+1e-9`` inside the logs, the
+    skew mixtures in probability space, AKL by sorting and gathering, ULD by sorting and padding;
+    backward by autograd. Written here from the formulas, for timing; kdcore's tests check the
+    values against float64 references."""
+    import torch
+    import torch.nn.functional as F
+
+    def probs(z):
+        return F.softmax(z / temperature, -1, dtype=torch.float32), F.log_softmax(z / temperature, -1, dtype=torch.float32)
+
+    def kl(zs, zt):
+        p_t, lp_t = probs(zt)
+        _, lp_s = probs(zs)
+        inf = torch.isinf(zs)
+        return ((p_t * lp_t).masked_fill(inf, 0) - (p_t * lp_s).masked_fill(inf, 0)).sum(-1)
+
+    def rkl(zs, zt):
+        p_s, lp_s = probs(zs)
+        _, lp_t = probs(zt)
+        inf = torch.isinf(zs) | torch.isinf(zt)
+        return -((p_s * lp_t).masked_fill(inf, 0) - (p_s * lp_s).masked_fill(inf, 0)).sum(-1)
+
+    def js(zs, zt):
+        (p_s, _), (p_t, _) = probs(zs), probs(zt)
+        log_m = torch.log((p_s + p_t) / 2 + 1e-9)
+        return 0.5 * (p_t * (torch.log(p_t + 1e-9) - log_m)).sum(-1) + 0.5 * (p_s * (torch.log(p_s + 1e-9) - log_m)).sum(-1)
+
+    def skewed(zs, zt, lam=0.1, reverse=False):
+        (p_s, lp_s), (p_t, lp_t) = probs(zs), probs(zt)
+        p, lp, mixed = (p_s, lp_s, lam * p_s + (1 - lam) * p_t) if reverse else (p_t, lp_t, lam * p_t + (1 - lam) * p_s)
+        inf = torch.isinf(zs)
+        return ((p * lp).masked_fill(inf, 0) - (p * torch.log(mixed)).masked_fill(inf, 0)).sum(-1)
+
+    def akl(zs, zt, alpha=0.5):
+        (p_s, _), (p_t, _) = probs(zs), probs(zt)
+        sorted_t, order = p_t.sort(-1)
+        gap = (sorted_t - p_s.gather(-1, order)).abs()
+        tail = sorted_t.cumsum(-1) <= alpha
+        g_head, g_tail = (gap * ~tail).sum(-1).detach(), (gap * tail).sum(-1).detach()
+        return (g_head * kl(zs, zt) + g_tail * rkl(zs, zt)) / (g_head + g_tail)
+
+    def tvd(zs, zt):
+        return 0.5 * (probs(zs)[0] - probs(zt)[0]).abs().sum(-1)
+
+    def ce(zs, zt):
+        p_t, _ = probs(zt)
+        return -(p_t * probs(zs)[1]).masked_fill(torch.isinf(zs), 0).sum(-1)
+
+    def uld(zs, zt):
+        p_s, p_t = probs(zs)[0].sort(-1, descending=True).values, probs(zt)[0].sort(-1, descending=True).values
+        width = max(p_s.shape[-1], p_t.shape[-1])
+        return (F.pad(p_s, (0, width - p_s.shape[-1])) - F.pad(p_t, (0, width - p_t.shape[-1]))).abs().sum(-1)
+
+    return {"fkl": kl, "rkl": rkl, "jsd": js, "skl": skewed, "srkl": lambda zs, zt: skewed(zs, zt, reverse=True),
+            "akl": akl, "tvd": tvd, "ce": ce, "uld": uld}[name]
+
+
+def trl_available() -> bool:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer  # noqa: F401
+    except Exception:  # not installed, or its import chain fails: the column is skipped
+        return False
+    return True
+
+
+def criterion_loss(impl: str, name: str):
+    """``loss(student_logits, teacher_logits) -> scalar`` (the sum over rows) of one implementation."""
+    import kdcore
+    from kdcore.criterion import kd_per_token
+
+    criterion = kdcore.build("criterion", name)  # the defaults: T = 1, beta 0.5, skew 0.1, alpha 0.5
+    if impl == "kdcore":
+        return lambda s, t: kd_per_token(criterion, s, t).sum()
+    if impl == "autograd":
+        return lambda s, t: criterion.per_token(s, t).sum()
+    if impl == "dskd":
+        reference = dskd_reference(name, criterion.temperature)
+        return lambda s, t: reference(s, t).sum()
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    return lambda s, t: GKDTrainer.generalized_jsd_loss(s, t, beta=TRL_BETA[name], temperature=criterion.temperature,
+                                                        reduction="sum")
+
+
+def criterion_worker(args) -> dict:
+    """Forward + backward of one implementation on student and teacher logits ``[N, V]``
+    (float32, ``N(0, 2²)``, the same seed for every implementation); the student logits are a
+    leaf that requires grad, the teacher logits are constants."""
+    import torch
+
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    n, v = args.tokens, args.vocab
+    student = (torch.randn(n, v, generator=gen) * 2).to(device).requires_grad_(True)
+    teacher = (torch.randn(n, v, generator=gen) * 2).to(device)
+    loss_fn = criterion_loss(args.impl, args.criterion)
+    checksum = {}
+
+    def step(rows: int):
+        s = student[:rows].detach().requires_grad_(True) if rows < n else student
+        loss = loss_fn(s, teacher[:rows])
+        loss.backward()
+        value = float(loss.detach())
+        checksum["grad"] = float(s.grad.double().norm())
+        del loss
+        student.grad = None
+        return value
+
+    result = measure(step, n, args.repeats, device)
+    result["grad_norm"] = checksum["grad"]
+    result["nv_bytes"] = n * v * 4
+    return result
+
+
+def side_by_side(args, criteria) -> int:
+    """The criterion-level table: every implementation of every criterion on every shape."""
+    shapes = [tuple(int(x) for x in shape.lower().split("x")) for shape in args.shapes]
+    impls = [i for i in IMPLEMENTATIONS if i != "trl" or trl_available()]
+    print(f"device={args.device} repeats={args.repeats} shapes={' '.join(args.shapes)} "
+          f"trl={'yes' if 'trl' in impls else 'not installed (column skipped)'}")
+    print("\nPeak: extra memory of forward + backward in [N, V] float32 tensors (inputs excluded, the "
+          "student gradient included). ms: median wall time. Ratios: kdcore / DSKD formulas.\n")
+    print("| criterion | N×V | kdcore ms | autograd ms | DSKD ms | TRL ms | kdcore peak | autograd peak | DSKD peak "
+          "| TRL peak | time ratio | peak ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    warnings = []
+    for name in criteria:
+        for n, v in shapes:
+            cells = {}
+            for impl in impls:
+                if impl == "trl" and name not in TRL_BETA:
+                    continue
+                cells[impl] = spawn(args, ["--mode", "criterion", "--impl", impl, "--criterion", name,
+                                           "--vocab", str(v), "--tokens", str(n)])
+            warnings += agreement(name, n, v, cells)
+            print(table_row(name, n, v, cells), flush=True)
+    for line in warnings:
+        print(f"\nWARNING: {line}")
+    return 0
+
+
+def agreement(name, n, v, cells):
+    """Warnings where kdcore's loss or gradient norm differs from autograd's on the same formula."""
+    a, b = cells.get("kdcore", {}), cells.get("autograd", {})
+    out = []
+    for key in ("value", "grad_norm"):
+        if key in a and key in b and abs(a[key] - b[key]) > 1e-4 * abs(b[key]) + 1e-6:
+            out.append(f"{name} {n}x{v}: kdcore {key} {a[key]:.8g} vs autograd {b[key]:.8g}")
+    return out
+
+
+def table_row(name, n, v, cells) -> str:
+    def ms(impl):
+        c = cells.get(impl)
+        return "–" if c is None else c.get("error") or f"{c['ms']:.0f}"
+
+    def peak(impl):
+        c = cells.get(impl)
+        return "–" if c is None else c.get("error") or f"{c['peak_bytes'] / c['nv_bytes']:.2f}"
+
+    def ratio(key):
+        k, d = cells.get("kdcore", {}), cells.get("dskd", {})
+        if key not in k or key not in d:
+            return "–"
+        return f"{k[key] / d[key]:.2f}" if key == "ms" else f"{(k[key] / k['nv_bytes']) / (d[key] / d['nv_bytes']):.2f}"
+
+    impls = ("kdcore", "autograd", "dskd", "trl")
+    return (f"| {name} | {n}×{v} | " + " | ".join(ms(i) for i in impls) + " | " + " | ".join(peak(i) for i in impls)
+            + f" | {ratio('ms')} | {ratio('peak_bytes')} |")
 
 
 def main(argv=None) -> int:
@@ -214,8 +411,14 @@ def main(argv=None) -> int:
                         help="dtype of hidden states and heads (criteria compute in float32)")
     parser.add_argument("--train-head", action="store_true", help="the student head W_s also requires grad")
     parser.add_argument("--max-gb", type=float, default=16.0, help="skip configurations estimated above this")
+    parser.add_argument("--criterion-level", action="store_true",
+                        help="instead: each criterion on [N, V] logits, kdcore's kd_per_token (analytic gradient) "
+                             "side by side with autograd on per_token, the DSKD formulas and TRL's generalized_jsd_loss")
+    parser.add_argument("--shapes", nargs="+", default=["512x50257", "128x151936"],
+                        help="N x V logits shapes of --criterion-level (default: 512x50257 128x151936)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["naive", "chunked", "criterion"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -225,7 +428,7 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         args.vocab, args.tokens = args.vocab[0], args.tokens[0]
-        print(json.dumps(worker(args)))
+        print(json.dumps(criterion_worker(args) if args.mode == "criterion" else worker(args)))
         return 0
 
     import kdcore
@@ -234,6 +437,13 @@ def main(argv=None) -> int:
     unknown = [c for c in criteria if c not in kdcore.names("criterion")]
     if unknown:
         parser.error(f"unknown criteria {unknown}; registered: {', '.join(kdcore.names('criterion'))}")
+    if args.criterion_level:
+        return side_by_side(args, criteria)
+    return naive_vs_chunked(args, criteria)
+
+
+def naive_vs_chunked(args, criteria) -> int:
+    """The engine-level table: naive versus chunked KD loss from hidden states."""
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     dt = args.teacher_hidden or args.hidden
     print(f"device={args.device} hidden={args.hidden} teacher_hidden={dt} dtype={args.dtype} "
@@ -262,8 +472,8 @@ def main(argv=None) -> int:
                     return c.get("skip") or c.get("error") or f"{c['peak_bytes'] / MiB:.0f}"
 
                 nv, ch = cells["naive"], cells["chunked"]
-                if "loss" in nv and "loss" in ch and abs(nv["loss"] - ch["loss"]) > 1e-4 * abs(nv["loss"]) + 1e-3:
-                    mismatches.append(f"{criterion} V={v} tokens={n}: naive loss {nv['loss']:.6g} vs chunked {ch['loss']:.6g}")
+                if "value" in nv and "value" in ch and abs(nv["value"] - ch["value"]) > 1e-4 * abs(nv["value"]) + 1e-3:
+                    mismatches.append(f"{criterion} V={v} tokens={n}: naive loss {nv['value']:.6g} vs chunked {ch['value']:.6g}")
                 ratio = f"{ch['peak_bytes'] / nv['peak_bytes']:.3f}" if "peak_bytes" in nv and "peak_bytes" in ch else "–"
                 print(f"| {criterion} | {v} | {n} | {ms(nv)} | {ms(ch)} | {mib(nv)} | {mib(ch)} | {ratio} |", flush=True)
     for line in mismatches:

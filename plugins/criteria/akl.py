@@ -1,4 +1,4 @@
-"""Adaptive KL divergence (Wu et al. 2024; reference/dskd.md §4).
+"""Adaptive KL divergence (Wu et al. 2024, "Rethinking KL divergence in KD for LLMs"; DSKD §4).
 
 With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the input dtype),
 per row:
@@ -16,6 +16,11 @@ The KL terms follow ``fkl``/``rkl``: ``−inf`` columns in both contribute 0; a 
 only in the teacher has its reverse-KL term dropped (DSKD convention; the true value is ``+inf``)
 and counts as tail (its ``C_i`` is 0). No ``T²`` rescaling.
 
+Gradient (analytic): the weights ``w_head = g_head/(g_head + g_tail)``, ``w_tail`` are
+stop-gradient constants, so ``∂AKL/∂z_s = w_head·∂KL/∂z_s + w_tail·∂RKL/∂z_s`` with the
+``fkl`` and ``rkl`` gradients (``(p_s − p_t)/T`` and ``p_s (log p_s − log p_t − RKL)/T``
+without masked columns).
+
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """
 
@@ -23,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from kdcore import Criterion, hookimpl
-from kdcore.criterion import positive_temperature, tempered_log_probs
-from kdcore.errors import ConfigError
+from kdcore import hookimpl
+from kdcore.criterion import TemperedDivergence, masked_sum, unit_interval
+from kdcore_plugins.criteria.fkl import soft_target_grad
+from kdcore_plugins.criteria.rkl import reverse_kl_grad
 
 
 def head_tail_gaps(p_s: torch.Tensor, p_t: torch.Tensor, alpha: float):
@@ -47,31 +53,35 @@ def head_tail_gaps(p_s: torch.Tensor, p_t: torch.Tensor, alpha: float):
     return g_head, g_tail
 
 
-class AdaptiveKL(Criterion):
+def gap_weights(p_s: torch.Tensor, p_t: torch.Tensor, alpha: float):
+    """``(w_head[N], w_tail[N])``: the gaps normalised to sum 1, ½/½ where both are 0."""
+    g_head, g_tail = head_tail_gaps(p_s, p_t, alpha)
+    total = g_head + g_tail
+    some = total > 0
+    safe_total = torch.where(some, total, 1.0)
+    return torch.where(some, g_head / safe_total, 0.5), torch.where(some, g_tail / safe_total, 0.5)
+
+
+class AdaptiveKL(TemperedDivergence):
     """Gap-weighted mix of forward and reverse KL; see the module docstring."""
 
     name = "akl"
-    same_vocab = True
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5):
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"criterion 'akl': alpha must be in [0, 1], got {alpha}")
-        self.temperature = positive_temperature(self.name, temperature)
-        self.alpha = alpha
+        super().__init__(temperature)
+        self.alpha = unit_interval(self.name, "alpha", alpha, closed=True)
 
-    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        log_p_s = tempered_log_probs(student_logits, self.temperature)
-        log_p_t = tempered_log_probs(teacher_logits, self.temperature)
+    def divergence(self, log_p_s, log_p_t):
         p_s, p_t = log_p_s.exp(), log_p_t.exp()
-        g_head, g_tail = head_tail_gaps(p_s, p_t, self.alpha)
-        fin_s, fin_t = torch.isfinite(log_p_s), torch.isfinite(log_p_t)
-        kl = (p_t * torch.where(fin_t, log_p_t - log_p_s, 0.0)).sum(-1)
-        rkl = (p_s * torch.where(fin_s & fin_t, log_p_s - log_p_t, 0.0)).sum(-1)
-        total = g_head + g_tail
-        some = total > 0
-        safe_total = torch.where(some, total, 1.0)
-        w_head = torch.where(some, g_head / safe_total, 0.5)
-        w_tail = torch.where(some, g_tail / safe_total, 0.5)
+        w_head, w_tail = gap_weights(p_s, p_t, self.alpha)
+        return w_head * masked_sum(p_t, log_p_t - log_p_s) + w_tail * masked_sum(p_s, log_p_s - log_p_t)
+
+    def divergence_and_grad(self, log_p_s, log_p_t, out):
+        w_head, w_tail = gap_weights(log_p_s.exp(), log_p_t.exp(), self.alpha)
+        rkl_grad = torch.empty_like(out)
+        rkl = reverse_kl_grad(log_p_s.clone(), log_p_t.clone(), rkl_grad)
+        kl = soft_target_grad(log_p_s, log_p_t, out)
+        out.mul_(w_head.unsqueeze(-1)).add_(rkl_grad.mul_(w_tail.unsqueeze(-1)))
         return w_head * kl + w_tail * rkl
 
 

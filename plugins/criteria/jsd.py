@@ -1,4 +1,4 @@
-"""Generalised Jensen–Shannon divergence (reference/dskd.md §4, without its epsilons).
+"""Generalised Jensen–Shannon divergence (GKD, Agarwal et al. 2024, eq. 1; DSKD §4 "JS" without its epsilons).
 
 With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the input dtype)::
 
@@ -15,18 +15,25 @@ true divergence up to float32 rounding (no ``+1e-9`` smoothing as in the DSKD co
 inputs give 0 within ≲ 3e-7). ``−inf`` columns (masked vocabulary, in both or only in the
 teacher) are handled exactly and give finite gradients.
 
+Gradient (analytic). ``∂JSD/∂p_s,v = (1 − β)(log p_s,v − log m_v)``: the two ``p/m`` terms of
+the derivative add up to ``(β p_t + (1 − β) p_s)/m = 1`` and cancel the ``+1`` of ``p log p``.
+With ``ρ = log p_s − log m`` (0 where ``p_s = 0``), through the softmax Jacobian::
+
+    ∂JSD/∂z_s,v = (1 − β) p_s,v (ρ_v − Σ_w p_s,w ρ_w) / T,    Σ_w p_s,w ρ_w = KL(p_s || m)
+
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 
-from kdcore import Criterion, hookimpl
-from kdcore.criterion import positive_temperature, tempered_log_probs
-from kdcore.errors import ConfigError
+from kdcore import hookimpl
+from kdcore.criterion import (TemperedDivergence, finite_or_zero_, masked_sum, row_dot, softmax_backward_,
+                              unit_interval)
 
 
 def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torch.Tensor:
@@ -48,30 +55,38 @@ def log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float) -> torc
     return out.masked_fill_(dead, -math.inf)
 
 
-def weighted_log_ratio_sum(log_p: torch.Tensor, log_m: torch.Tensor) -> torch.Tensor:
-    """``Σ_v p (log p − log m)`` with columns where ``p = 0`` (``log p = −inf``) contributing 0."""
-    keep = torch.isfinite(log_p)
-    return (log_p.exp() * torch.where(keep, log_p - log_m, 0.0)).sum(-1)
+def log_ratios_to_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight: float,
+                          out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(log p − log m, log q − log m)`` for ``m = w·p + (1 − w)·q``, without autograd; the
+    second is written into ``out``, the first is a new tensor. ``log m`` is :func:`log_mixture`'s
+    (its forward needs no masking: ``logaddexp(−inf, −inf) = −inf``), so columns ``−inf`` in both
+    give NaN, in one ``−inf`` or a finite value: callers drop or zero them."""
+    ratio_p = torch.add(log_p, math.log(weight))
+    log_m = torch.logaddexp(ratio_p, torch.add(log_q, math.log1p(-weight), out=out), out=out)
+    return torch.sub(log_p, log_m, out=ratio_p), torch.sub(log_q, log_m, out=out)
 
 
-class JensenShannon(Criterion):
+class JensenShannon(TemperedDivergence):
     """``β·KL(p_t || m) + (1 − β)·KL(p_s || m)``, ``m = β·p_t + (1 − β)·p_s``; see the module docstring."""
 
     name = "jsd"
-    same_vocab = True
 
     def __init__(self, temperature: float = 1.0, beta: float = 0.5):
-        if not 0.0 < beta < 1.0:
-            raise ConfigError(f"criterion 'jsd': beta must be in (0, 1) (the teacher's weight), got {beta}")
-        self.temperature = positive_temperature(self.name, temperature)
-        self.beta = beta
+        super().__init__(temperature)
+        self.beta = unit_interval(self.name, "beta", beta, meaning=" (the teacher's weight)")
 
-    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        log_p_s = tempered_log_probs(student_logits, self.temperature)
-        log_p_t = tempered_log_probs(teacher_logits, self.temperature)
+    def divergence(self, log_p_s, log_p_t):
         log_m = log_mixture(log_p_t, log_p_s, self.beta)
-        return (self.beta * weighted_log_ratio_sum(log_p_t, log_m)
-                + (1.0 - self.beta) * weighted_log_ratio_sum(log_p_s, log_m))
+        return (self.beta * masked_sum(log_p_t.exp(), log_p_t - log_m)
+                + (1.0 - self.beta) * masked_sum(log_p_s.exp(), log_p_s - log_m))
+
+    def divergence_and_grad(self, log_p_s, log_p_t, out):
+        teacher_ratio, rho = log_ratios_to_mixture(log_p_t, log_p_s, self.beta, out)
+        kl_teacher = row_dot(log_p_t.exp_(), finite_or_zero_(teacher_ratio))
+        p_s = log_p_s.exp_()
+        kl_student = row_dot(p_s, finite_or_zero_(rho))
+        softmax_backward_(rho, p_s).mul_(1.0 - self.beta)
+        return self.beta * kl_teacher + (1.0 - self.beta) * kl_student
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""Skew reverse KL divergence (DistiLLM's SRKL; reference/dskd.md §4).
+"""Skew reverse KL divergence (DistiLLM's SRKL, Ko et al. 2024; DSKD §4).
 
 With ``p = softmax(z / T)`` for student and teacher (float32 math whatever the input dtype)::
 
@@ -11,36 +11,43 @@ contains ``λ·p_s``, columns that are ``−inf`` only in the teacher keep a fin
 (unlike ``rkl``); columns ``−inf`` in both contribute 0. Gradients stay finite. No ``T²``
 rescaling.
 
+Gradient (analytic). With ``m = (1 − λ) p_t + λ p_s``, ``ρ = log p_s − log m`` and the
+student's share of the mixture ``w = λ p_s / m = exp(log λ + ρ)``,
+``h = ∂SRKL/∂log p_s = p_s (ρ + 1 − w)``, so::
+
+    ∂SRKL/∂z_s,v = (h_v − p_s,v Σ_u h_u) / T = p_s,v (x_v − Σ_u p_s,u x_u) / T,   x = ρ + 1 − w
+
+(``h = 0`` where ``p_s = 0``.)
+
 Shapes: ``student_logits[N, V]``, ``teacher_logits[N, V]`` -> ``[N]`` float32.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kdcore import Criterion, hookimpl
-from kdcore.criterion import positive_temperature, tempered_log_probs
-from kdcore.errors import ConfigError
-from kdcore_plugins.criteria.jsd import log_mixture, weighted_log_ratio_sum
+from kdcore import hookimpl
+from kdcore.criterion import finite_or_zero_, row_dot, softmax_backward_
+from kdcore_plugins.criteria.jsd import log_ratios_to_mixture
+from kdcore_plugins.criteria.skl import SkewedDivergence
 
 
-class SkewReverseKL(Criterion):
+class SkewReverseKL(SkewedDivergence):
     """``Σ_v p_s (log p_s − log((1 − λ) p_t + λ p_s))``; see the module docstring."""
 
     name = "srkl"
-    same_vocab = True
+    skew_teacher = False
 
-    def __init__(self, temperature: float = 1.0, skew: float = 0.1):
-        if not 0.0 < skew < 1.0:
-            raise ConfigError(f"criterion 'srkl': skew must be in (0, 1), got {skew}")
-        self.temperature = positive_temperature(self.name, temperature)
-        self.skew = skew
-
-    def per_token(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        log_p_s = tempered_log_probs(student_logits, self.temperature)
-        log_p_t = tempered_log_probs(teacher_logits, self.temperature)
-        log_m = log_mixture(log_p_s, log_p_t, self.skew)
-        return weighted_log_ratio_sum(log_p_s, log_m)
+    def divergence_and_grad(self, log_p_s, log_p_t, out):
+        # the same mixture as (1 − λ)·p_t + λ·p_s, so that ρ lands in ``out``
+        scratch, rho = log_ratios_to_mixture(log_p_t, log_p_s, 1.0 - self.skew, out)
+        p_s = log_p_s.exp_()
+        values = row_dot(p_s, finite_or_zero_(rho))
+        share = torch.add(rho, math.log(self.skew), out=scratch).exp_()
+        softmax_backward_(rho.add_(1.0).sub_(share), p_s)
+        return values
 
 
 @hookimpl
