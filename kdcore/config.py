@@ -60,11 +60,14 @@ class ObjectiveConfig:
 
     kd_weight = 0 is plain SFT (no teacher forward). chunk_size: rows of ``[chunk, V]`` logits
     the KD loss materialises at once (null: a budget of 2**26 logits, e.g. 441 rows at
-    V = 151,936, 1,335 at V = 50,257).
+    V = 151,936, 1,335 at V = 50,257). fused: each chunk's gradients are computed in the forward
+    pass (kdcore.fused; nothing is recomputed); false: autograd with each chunk recomputed in
+    backward (the reference path).
     """
 
     kd_weight: float = 0.5
     chunk_size: Optional[int] = None
+    fused: bool = True
 
 
 @dataclass

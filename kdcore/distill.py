@@ -9,7 +9,8 @@ unit DDP wraps and checkpoints save); the teacher is held outside it (frozen, ne
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, NamedTuple, Tuple, TypeVar
+import functools
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ def objective(terms: Mapping[str, T], kd_weight: float, zero=0.0) -> T:
     summed terms of a micro-batch (tensors, ``zero`` a zero tensor) and for the logged means."""
     kd_total = sum((v for k, v in terms.items() if k != CE), zero)
     return (1.0 - kd_weight) * terms[CE] + kd_weight * kd_total
+
+
+def term_weight(name: str, kd_weight: float) -> float:
+    """A term's weight in :func:`objective`: ``1 − α`` for CE, ``α`` for the others."""
+    return (1.0 - kd_weight) if name == CE else kd_weight
 
 
 def with_loss(metrics: Dict[str, float], term_names, kd_weight: float) -> Dict[str, float]:
@@ -91,6 +97,7 @@ class DistillModule(nn.Module):
         self.criterion, self.kd_weight, self.chunk_size = criterion, kd_weight, chunk_size
         self._teacher = [teacher]  # a list so it is not registered as a submodule (no DDP, no checkpoint)
         self.timer, self.last_flops = NullTimer(), 0.0
+        self.fused = True  # gradients in the forward pass (kdcore.fused); False: checkpointed autograd
         self._shapes = {}
 
     @classmethod
@@ -101,8 +108,10 @@ class DistillModule(nn.Module):
             parts.teacher_model.to(device)
             parts.projector.prepare(parts.student_model, parts.teacher_model)
             parts.aligner.prepare(parts.student_model, parts.teacher_model)
-        return cls(parts.student_model, parts.projector, parts.aligner, parts.criterion, objective_cfg.kd_weight,
-                   objective_cfg.chunk_size, parts.teacher_model).to(device)
+        module = cls(parts.student_model, parts.projector, parts.aligner, parts.criterion, objective_cfg.kd_weight,
+                     objective_cfg.chunk_size, parts.teacher_model).to(device)
+        module.fused = objective_cfg.fused
+        return module
 
     @property
     def teacher(self):
@@ -118,8 +127,13 @@ class DistillModule(nn.Module):
             self._shapes[id(model)] = backbone_shape(model)
         return self._shapes[id(model)]
 
-    def terms(self, batch) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
-        """Every loss term of a micro-batch as a sum with its graph, plus accuracy counts."""
+    def terms(self, batch, weights: Optional[Callable[[str], float]] = None
+              ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
+        """Every loss term of a micro-batch as a sum with its graph, plus accuracy counts.
+
+        ``weights``: the objective's term weight of a name, when the terms will only be combined by
+        :func:`objective` (one combined gradient per space); without them every term can be
+        differentiated on its own."""
         s_batch, training = batch["student"], torch.is_grad_enabled()
         with self.timer.section("student_forward"):
             h_s = last_hidden(self.student, s_batch)
@@ -136,7 +150,7 @@ class DistillModule(nn.Module):
             with self.timer.section("kd_loss"):
                 alignment = self.aligner.align(student, teacher, batch.get("align"))
                 for space in self.projector.spaces(student, teacher, alignment, self.criterion):
-                    losses, accs = evaluate_space(space, self.chunk_size)
+                    losses, accs = evaluate_space(space, self.chunk_size, weights, self.fused)
                     flops += space_flops(space, training)
                     for key, value in losses.items():
                         terms[key] = terms[key] + value if key in terms else value
@@ -150,6 +164,6 @@ class DistillModule(nn.Module):
         return terms, counts
 
     def forward(self, batch) -> StepOutput:
-        terms, counts = self.terms(batch)
+        terms, counts = self.terms(batch, weights=functools.partial(term_weight, kd_weight=self.kd_weight))
         loss = objective(terms, self.kd_weight, zero=torch.zeros((), device=terms[CE].device))
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, counts)

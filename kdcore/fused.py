@@ -16,7 +16,7 @@ those ``[n, h]`` / ``[V, h]`` gradients are kept; the ``[n, V]`` logits are free
 and backward is a multiplication of the saved gradients by the incoming ones: nothing is
 recomputed, the frozen teacher head runs once.
 
-Two modes. With ``weights`` (``{term: weight}``, the objective's) one combined gradient per
+Two modes. With ``weights`` (``weight(term name) -> float``, the objective's) one combined gradient per
 input is kept; the backward then requires the incoming gradients to be proportional to those
 weights (which they are when the terms are combined by :func:`kdcore.distill.objective`) and
 raises otherwise. Without ``weights`` each term keeps its own gradients, so any combination of
@@ -25,7 +25,7 @@ the terms (or one of them alone) can be differentiated.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,10 @@ def _chunk_terms(space, hs, ht, labels, rows):
     return values, grads, hits, logits
 
 
-def run_space(space, chunk_size: int, weights: Optional[Dict[str, float]]):
+Weights = Optional[Callable[[str], float]]
+
+
+def run_space(space, chunk_size: int, weights: Weights):
     """Every chunk under no_grad: ``(values {term: sum}, hits {acc: correct}, accumulators)``;
     ``accumulators`` maps ``"*"`` (combined by ``weights``) or each term to its gradients."""
     n = space.num_rows
@@ -151,11 +154,11 @@ def run_space(space, chunk_size: int, weights: Optional[Dict[str, float]]):
     return values, hits, accs
 
 
-def _combine(grads: Dict[str, Dict[str, torch.Tensor]], weights: Dict[str, float]) -> Dict[str, Dict[str, torch.Tensor]]:
+def _combine(grads: Dict[str, Dict[str, torch.Tensor]], weights: Callable[[str], float]) -> Dict[str, Dict[str, torch.Tensor]]:
     """``{"*": {side: Σ_terms weight · g}}``."""
     out: Dict[str, torch.Tensor] = {}
     for name, by_side in grads.items():
-        w = weights.get(name, 0.0)
+        w = weights(name)
         if w == 0.0:
             continue
         for side, g in by_side.items():
@@ -196,9 +199,9 @@ class FusedSpace(torch.autograd.Function):
         return (None, *out)
 
 
-def _common_scale(grad_out: torch.Tensor, names: Sequence[str], weights: Dict[str, float]) -> torch.Tensor:
+def _common_scale(grad_out: torch.Tensor, names: Sequence[str], weights: Callable[[str], float]) -> torch.Tensor:
     """The ``s`` with ``grad_out[k] = s · weights[k]`` for every term (the objective's backward)."""
-    w = torch.tensor([weights.get(n, 0.0) for n in names], dtype=grad_out.dtype, device=grad_out.device)
+    w = torch.tensor([weights(n) for n in names], dtype=grad_out.dtype, device=grad_out.device)
     ref = int(torch.argmax(w.abs()))
     scale = grad_out[ref] / w[ref]
     if not torch.allclose(grad_out, scale * w, rtol=1e-5, atol=1e-12):
@@ -207,7 +210,7 @@ def _common_scale(grad_out: torch.Tensor, names: Sequence[str], weights: Dict[st
     return scale
 
 
-def evaluate_fused(space, chunk_size: int, weights: Optional[Dict[str, float]] = None):
+def evaluate_fused(space, chunk_size: int, weights: Weights = None):
     """``(losses {name: differentiable sum}, counts {accuracy: (correct, rows)})`` of ``space``."""
     values, hits, accs = run_space(space, chunk_size, weights)
     names = [f"kd_{space.name}"] + [t.name for t in space.terms if not hasattr(t, "gate")]

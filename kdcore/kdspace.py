@@ -213,7 +213,7 @@ def chunked(fn, tensors, chunk_size: int):
     return total
 
 
-def evaluate_space(space: Space, chunk_size: Optional[int] = None, weights: Optional[Dict[str, float]] = None,
+def evaluate_space(space: Space, chunk_size: Optional[int] = None, weights: Optional[Callable[[str], float]] = None,
                    fused: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
     """Losses (sums over rows) and accuracy counts of one space, ``chunk_size`` rows at a time
     (default :func:`auto_chunk_rows` of the wider vocabulary).
@@ -221,7 +221,7 @@ def evaluate_space(space: Space, chunk_size: Optional[int] = None, weights: Opti
     Returns ``losses`` with keys ``kd_<name>`` and the auxiliary CE names; ``counts`` maps
     accuracy names to ``(correct, rows)``. With gradients enabled the losses come from
     :mod:`kdcore.fused` (gradients computed in the forward pass; ``weights``: the objective's
-    term weights, for one combined gradient); ``fused=False``, or a side that needs a gradient
+    weight of a term name, for one combined gradient); ``fused=False``, or a side that needs a gradient
     through a logits map, takes the checkpointed autograd path (each chunk's logits recomputed
     in backward).
     """
