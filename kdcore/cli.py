@@ -1,6 +1,6 @@
 """``kd-train``: train from a YAML config, validate it, print it, or list plugins.
 
-    kd-train --config FILE [key.sub=value ...] [--validate | --print-config]
+    kd-train --config FILE [key.sub=value ...] [--validate | --print-config | --compare-sft]
     kd-train --list-plugins
     torchrun --nproc_per_node N -m kdcore.cli --config FILE ...
 
@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--validate", action="store_true", help="check the config, data and models without loading weights")
     mode.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     mode.add_argument("--list-plugins", action="store_true", help="list registered plugins with their providers")
+    mode.add_argument("--compare-sft", action="store_true",
+                      help="train the config and its SFT twin (kd_weight 0, same seeds, steps, data) and compare "
+                           "eval CE and test-split ROUGE-L of teacher, SFT and KD students (comparison.json)")
     return p
 
 
@@ -65,6 +68,14 @@ def run(args) -> int:
     from .trainer import Trainer
 
     info = init_distributed()
+    if args.compare_sft:
+        from .compare import compare_sft
+
+        try:
+            compare_sft(args.config, args.overrides, info)
+        finally:
+            shutdown()
+        return 0
     try:
         trainer = Trainer(cfg, info)
         metrics = trainer.train()
