@@ -12,10 +12,11 @@ from .task import Example, Task
 from .tuner import Tuner
 from .components import build, names
 from .errors import KdcoreError
+from .schema import Range
 
 __version__ = "0.1.0"
 
 __all__ = [
     "hookimpl", "hookspec", "Criterion", "Aligner", "Alignment", "Projector", "Task", "Example", "Tuner",
-    "build", "names", "KdcoreError", "__version__",
+    "build", "names", "KdcoreError", "Range", "__version__",
 ]

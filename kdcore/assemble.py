@@ -145,17 +145,44 @@ def validate_models(cfg: Config) -> List[str]:
     checks are reported as skipped instead of failing, so shipped configs naming hub models
     validate on an offline machine.
     """
+    from .checkpoint import check_output_dir
+
     notes: List[str] = []
+    check_output_dir(cfg.run.output_dir, create=False)
     try:
         parts = build_components(cfg, load_weights=False)
     except ModelUnavailable as exc:
         notes.append(f"skipped model checks: {exc}")
-        cfg.task.build().check()
-        return notes
+        task = cfg.task.build()
+        task.check()
+        return notes + check_run_data(task, cfg)
+    notes += check_run_data(parts.task, cfg)
     notes.append(f"student tokenizer: {type(parts.student_tokenizer).__name__} ({len(parts.student_tokenizer)} tokens)")
     if parts.teacher_tokenizer is not None:
         notes.append(f"teacher tokenizer: {type(parts.teacher_tokenizer).__name__} ({len(parts.teacher_tokenizer)} tokens); "
                      f"{'same' if parts.shared_tokenizer else 'different'} tokenizer")
+    return notes
+
+
+def check_run_data(task, cfg: Config) -> List[str]:
+    """``--validate``'s data checks: every split the run reads parses (file:line errors), and the
+    train split holds at least one global batch (``micro_batch_size × grad_accum × WORLD_SIZE``,
+    the processes torchrun would start; 1 without it) and makes at least one step."""
+    import os
+
+    from .data import plan_steps
+
+    t, e = cfg.train, cfg.eval
+    world = max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+    n_train = task.num_examples("train")
+    global_batch = t.micro_batch_size * t.grad_accum * world
+    steps = plan_steps(n_train, global_batch, t.max_steps, t.epochs)
+    n_eval = task.num_examples(e.split)
+    if e.max_examples:
+        n_eval = min(n_eval, e.max_examples)
+    notes = [f"data: {n_train} train examples, global batch {global_batch}, {steps} steps; {n_eval} {e.split} examples"]
+    if e.test_split:
+        notes.append(f"data: {task.num_examples(e.test_split)} {e.test_split} examples (test ROUGE-L)")
     return notes
 
 

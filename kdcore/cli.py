@@ -44,6 +44,16 @@ def list_plugins() -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def preempted_message(args, trainer) -> str:
+    """How a run stopped by SIGTERM/SIGINT continues."""
+    import shlex
+
+    again = ["kd-train", "--config", args.config, *[o for o in args.overrides if not o.startswith("train.resume=")],
+             "train.resume=true"]
+    return (f"stopped at step {trainer.step} of {trainer.total_steps} ({trainer.guard.signal_name or 'signal'} "
+            f"received); checkpoint saved in {trainer.checkpoints.root}. Resume with: {shlex.join(again)}")
+
+
 def run(args) -> int:
     from .config import dump, load_config
 
@@ -79,6 +89,10 @@ def run(args) -> int:
     try:
         trainer = Trainer(cfg, info)
         metrics = trainer.train()
+        if trainer.preempted:
+            if info.is_main:
+                print(preempted_message(args, trainer))
+            return 0
         if info.is_main:
             summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("ce", "loss"))
             print(f"done: {trainer.step} steps; final eval {summary}; student saved to {trainer.out / 'final'}")

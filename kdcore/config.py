@@ -13,7 +13,7 @@ import re
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import yaml
 
@@ -22,13 +22,38 @@ from .errors import ConfigError, suggest
 from .models import ModelConfig
 from .kinds import by_config_key, kinds
 from .registry import load_plugins
-from .schema import check_section
+from .schema import INT64_MAX, Range, check_section
 
 SCHEMA_VERSION = 1
 
 
+MAX_DEPTH = 64  # nesting a config may use; deeper YAML is refused before anything recurses over it
+
+
 class YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``) and
+    refuses a key given twice in one mapping (the last one would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found key {key!r} twice (first {_line(first)}, again {_line(key_node)})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _line(node) -> str:
+    return f"on line {node.start_mark.line + 1}"
 
 
 YamlLoader.add_implicit_resolver(
@@ -42,8 +67,38 @@ YamlLoader.add_implicit_resolver(
 )
 
 
+class YamlProblem(ValueError):
+    """Text that is not a config YAML document for a reason PyYAML does not report itself."""
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=YamlLoader)
+    """Parse YAML text. Raises ``yaml.YAMLError`` (bad syntax, a duplicate key) or
+    :class:`YamlProblem` (nested deeper than :data:`MAX_DEPTH`, an absurd literal such as an
+    integer of thousands of digits)."""
+    try:
+        data = yaml.load(text, Loader=YamlLoader)
+    except RecursionError:
+        raise YamlProblem(f"nested too deeply (more than {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # int() of a literal beyond Python's digit limit, and the like
+        raise YamlProblem(f"a literal cannot be read: {str(exc).splitlines()[0]}") from None
+    if _depth(data) > MAX_DEPTH:
+        raise YamlProblem(f"nested too deeply (more than {MAX_DEPTH} levels)")
+    return data
+
+
+def _depth(data) -> int:
+    """Nesting depth of lists and mappings, computed without recursion (aliases counted once)."""
+    deepest, stack, seen = 0, [(data, 0)], set()
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 @dataclass
@@ -51,7 +106,7 @@ class RunConfig:
     """``run:`` where outputs go and the base seed (each rank uses ``seed + rank``)."""
 
     output_dir: str = "runs/default"
-    seed: int = 10
+    seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 10
 
 
 @dataclass
@@ -65,8 +120,8 @@ class ObjectiveConfig:
     backward (the reference path).
     """
 
-    kd_weight: float = 0.5
-    chunk_size: Optional[int] = None
+    kd_weight: Annotated[float, Range(ge=0, le=1)] = 0.5
+    chunk_size: Optional[Annotated[int, Range(ge=1)]] = None
     fused: bool = True
 
 
@@ -75,30 +130,40 @@ class TrainConfig:
     """``train:`` optimisation, schedule and cadence. Steps are optimizer steps; ``max_steps``
     (if set) wins over ``epochs``. ``eval_every: 0`` evaluates once per epoch; ``save_every: 0``
     saves at every evaluation; both also happen at the last step. ``peak_flops``: the device's
-    peak FLOP/s for MFU (null: a table of known GPUs, or a measured matmul peak on CPU)."""
+    peak FLOP/s for MFU (null: a table of known GPUs, or a measured matmul peak on CPU).
 
-    epochs: float = 1.0
-    max_steps: Optional[int] = None
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 5e-4
-    projector_lr: float = 1e-3
-    weight_decay: float = 0.01
-    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    resume: continue from the newest complete checkpoint; a config that differs from the
+    checkpoint's is refused unless ``resume_allow_changes`` (then the new values apply from the
+    resumed step on); ``resume_fallback``: when the newest checkpoint fails its checksums, resume
+    from the newest one that passes. A step whose loss or gradient norm is not finite is
+    skipped (no weight, optimizer or schedule update; its batch is consumed);
+    ``max_consecutive_skips`` such steps in a row stop the run."""
+
+    epochs: Annotated[float, Range(gt=0)] = 1.0
+    max_steps: Optional[Annotated[int, Range(ge=1)]] = None
+    micro_batch_size: Annotated[int, Range(ge=1)] = 4
+    grad_accum: Annotated[int, Range(ge=1)] = 1
+    lr: Annotated[float, Range(gt=0)] = 5e-4
+    projector_lr: Annotated[float, Range(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0)] = 0.01
+    adam_betas: List[Annotated[float, Range(ge=0, lt=1)]] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    min_lr: float = 1e-7
-    clip_grad: float = 1.0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
+    min_lr: Annotated[float, Range(ge=0)] = 1e-7
+    clip_grad: Annotated[float, Range(ge=0)] = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    log_every: int = 1
-    eval_every: int = 0
+    log_every: Annotated[int, Range(ge=0)] = 1
+    eval_every: Annotated[int, Range(ge=0)] = 0
     eval_at_start: bool = True
-    save_every: int = 0
-    keep_last: int = 2
+    save_every: Annotated[int, Range(ge=0)] = 0
+    keep_last: Annotated[int, Range(ge=1)] = 2
     resume: bool = False
-    num_workers: int = 0
-    threads: Optional[int] = None
-    peak_flops: Optional[float] = None
+    resume_allow_changes: bool = False
+    resume_fallback: bool = False
+    max_consecutive_skips: Annotated[int, Range(ge=1)] = 5
+    num_workers: Annotated[int, Range(ge=0)] = 0
+    threads: Optional[Annotated[int, Range(ge=1)]] = None
+    peak_flops: Optional[Annotated[float, Range(gt=0)]] = None
 
 
 @dataclass
@@ -110,12 +175,12 @@ class EvalConfig:
     student before and after training, and of the teacher, on that split (``test_rouge.json``)."""
 
     split: str = "valid"
-    batch_size: int = 8
-    max_examples: Optional[int] = None
+    batch_size: Annotated[int, Range(ge=1)] = 8
+    max_examples: Optional[Annotated[int, Range(ge=1)]] = None
     generate: bool = False
-    seeds: List[int] = field(default_factory=lambda: [10, 20, 30])
-    max_new_tokens: Optional[int] = None
-    generate_batch_size: int = 16
+    seeds: List[Annotated[int, Range(ge=0, le=INT64_MAX)]] = field(default_factory=lambda: [10, 20, 30])
+    max_new_tokens: Optional[Annotated[int, Range(ge=1)]] = None
+    generate_batch_size: Annotated[int, Range(ge=1)] = 16
     greedy: bool = False
     select_by: Literal["ce", "rouge_l"] = "ce"
     test_split: Optional[str] = None
@@ -168,12 +233,23 @@ def read_yaml(path, what: str = "config", top_level: str = "of sections", error=
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
     try:
-        data = load_yaml(p.read_text())
+        data = load_yaml(p.read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        raise error(f"{p}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise error(f"{p}: not valid YAML: {exc}") from None
+        raise error(f"{p}: not valid YAML: {_one_line(exc)}") from None
+    except YamlProblem as exc:
+        raise error(f"{p}: {exc}") from None
     if not isinstance(data, dict):
         raise error(f"{p}: the top level must be a mapping {top_level}")
     return data
+
+
+def _one_line(exc: Exception) -> str:
+    """A YAML error on one line (PyYAML spreads context, problem and marks over several)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 def parse_override(text: str):
@@ -183,8 +259,8 @@ def parse_override(text: str):
         raise ConfigError(f"override '{text}': expected key.sub=value")
     try:
         parsed = load_yaml(value) if value != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML: {exc}") from None
+    except (yaml.YAMLError, YamlProblem) as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {_one_line(exc)}") from None
     return key.split("."), parsed
 
 
@@ -238,8 +314,6 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError("student: missing section (a model path is required)")
     if sections["objective"].kd_weight > 0 and models["teacher"] is None:
         raise ConfigError("teacher: missing section; it is required when objective.kd_weight > 0 (use kd_weight: 0 for SFT)")
-    if not 0 <= sections["objective"].kd_weight <= 1:
-        raise ConfigError(f"objective.kd_weight: must be in [0, 1], got {sections['objective'].kd_weight}")
     _check_train(sections["train"])
     if sections["eval"].select_by == "rouge_l" and not sections["eval"].generate:
         raise ConfigError("eval.select_by: 'rouge_l' needs eval.generate: true")
@@ -327,20 +401,9 @@ def _put(tree: Dict[str, Any], dotted: str, value) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    for key in ("micro_batch_size", "grad_accum"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1")
-    for key in ("log_every", "eval_every", "save_every", "warmup_steps", "num_workers"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}: must be >= 0")
-    if t.keep_last < 1:
-        raise ConfigError("train.keep_last: must be >= 1")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError("train.max_steps: must be >= 1")
-    if t.epochs <= 0:
-        raise ConfigError("train.epochs: must be > 0")
+    """What the per-field ranges cannot say."""
     if len(t.adam_betas) != 2:
-        raise ConfigError("train.adam_betas: expected two numbers")
+        raise ConfigError(f"train.adam_betas: expected two numbers, got {len(t.adam_betas)}")
 
 
 def dump(resolved: Dict[str, Any]) -> str:

@@ -177,6 +177,22 @@ def steps_for(num_examples: int, global_batch: int, epochs: float) -> int:
     return int(math.floor(num_examples / global_batch * epochs))
 
 
+def plan_steps(num_examples: int, global_batch: int, max_steps: Optional[int], epochs: float) -> int:
+    """The optimizer steps of a run: ``max_steps``, else ``floor(examples / global batch × epochs)``.
+    Fewer training examples than one global batch, or an ``epochs`` that makes no step, is a
+    :class:`DataError` (checked by ``--validate`` too, before any weight is loaded)."""
+    from .errors import DataError
+
+    if num_examples < global_batch:
+        raise DataError(f"the train split has {num_examples} examples, fewer than one global batch of {global_batch} "
+                        "(micro_batch_size x grad_accum x processes); lower train.micro_batch_size or grad_accum")
+    total = max_steps or steps_for(num_examples, global_batch, epochs)
+    if total < 1:
+        raise DataError(f"train.epochs={epochs} of {num_examples} examples in global batches of {global_batch} "
+                        "makes no optimizer step; raise train.epochs or set train.max_steps")
+    return total
+
+
 class RunData:
     """The encoded train and eval sets of a run and the order in which this rank sees them.
 
@@ -202,15 +218,8 @@ class RunData:
         self.global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum * dist.world_size
 
     def total_steps(self, max_steps: Optional[int], epochs: float) -> int:
-        """``max_steps``, else ``floor(train examples / global batch × epochs)``; fewer than one
-        global batch of training examples is a :class:`DataError`."""
-        total = max_steps or steps_for(len(self.train_set), self.global_batch, epochs)
-        if total < 1:
-            from .errors import DataError
-
-            raise DataError(f"the train split has {len(self.train_set)} examples, fewer than one global batch "
-                            f"of {self.global_batch}; lower train.micro_batch_size or grad_accum")
-        return total
+        """``max_steps``, else ``floor(train examples / global batch × epochs)`` (:func:`plan_steps`)."""
+        return plan_steps(len(self.train_set), self.global_batch, max_steps, epochs)
 
     def plan(self, start_step: int = 0, max_steps: Optional[int] = None) -> GlobalBatchPlan:
         t = self.train_cfg

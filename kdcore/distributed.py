@@ -47,6 +47,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def any_rank(flags, info: DistInfo, device=None):
+    """For each boolean of ``flags`` (this rank's), whether it is true on any rank: one
+    all-reduce, so every rank takes the same decision (skip a step, stop, give up a write).
+    Returns a list of bools as long as ``flags``."""
+    flags = [bool(f) for f in flags]
+    if not info.enabled:
+        return flags
+    t = torch.tensor([float(f) for f in flags], device=device if device is not None else info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -36,7 +36,12 @@ class ModelUnavailable(ModelError):
 
 
 class CheckpointError(KdcoreError):
-    """A checkpoint is missing, incomplete or corrupt."""
+    """A checkpoint is missing, incomplete or corrupt, or cannot be written."""
+
+
+class TrainingError(KdcoreError):
+    """A run cannot go on because of what its input does (losses that stay non-finite, weights
+    that became non-finite): stopped with the last good checkpoint intact."""
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:

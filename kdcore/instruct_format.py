@@ -59,20 +59,41 @@ def record_to_example(record: Dict, where: str) -> Example:
 
 
 def read_jsonl(path: Path, limit: Optional[int] = None) -> List[Example]:
+    """The examples of a JSONL file (at most ``limit``). UTF-8, with or without a byte-order
+    mark; a line that is not UTF-8, not JSON (or nested or sized beyond what JSON parsing
+    allows) or not a record is a :class:`DataError` naming the file and line."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            examples.append(record_to_example(record, f"{path}:{lineno}"))
-            if limit is not None and len(examples) >= limit:
-                break
+    try:
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode_line(raw, lineno == 1, f"{path}:{lineno}")
+                if not line.strip():
+                    continue
+                examples.append(record_to_example(_parse_line(line, f"{path}:{lineno}"), f"{path}:{lineno}"))
+                if limit is not None and len(examples) >= limit:
+                    break
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
+
+
+def _decode_line(raw: bytes, first: bool, where: str) -> str:
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
+
+
+def _parse_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit
+        raise DataError(f"{where}: JSON value cannot be read ({str(exc).splitlines()[0]})") from None

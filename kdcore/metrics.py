@@ -10,6 +10,7 @@ its count).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -46,9 +47,10 @@ class MetricSums:
             self.add(name, num, den)
 
     def reduce(self, dist: DistInfo, device) -> Dict[str, float]:
-        """Global values (one all-reduce over ranks; every rank must hold the same names).
-        A metric whose denominator is 0 everywhere is 0."""
-        names = sorted(self._num)
+        """Global values (one all-reduce over ranks). Under several processes the ranks first
+        agree on the names (a rank with nothing to add, e.g. no eval batch, holds none), so every
+        rank takes part in the same all-reduce. A metric whose denominator is 0 everywhere is 0."""
+        names = self._agree_names(dist) if dist.enabled else sorted(self._num)
         if not names:
             return {}
         flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
@@ -61,18 +63,41 @@ class MetricSums:
         return out
 
 
+    def _agree_names(self, dist: DistInfo):
+        """The union of every rank's names (and loss-term names); missing ones count as 0/0."""
+        import torch.distributed as tdist
+
+        gathered = [None] * dist.world_size
+        tdist.all_gather_object(gathered, (sorted(self._num), sorted(self.term_names)))
+        names = sorted(set().union(*(set(g[0]) for g in gathered)))
+        for g in gathered:
+            self.term_names.update(g[1])
+        for name in names:
+            self._num.setdefault(name, 0.0)
+            self._den.setdefault(name, 0.0)
+        return names
+
+
 class MetricLog:
     """``metrics.jsonl`` (one JSON record per line) and TensorBoard scalars ``split/name``,
-    written by rank 0 only."""
+    written by rank 0 only.
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    ``resume_step``: the run resumes from the checkpoint of that step, so the records of later
+    steps (written before the interruption, about to be replayed) are dropped from
+    ``metrics.jsonl`` (and a line torn by a crash), and TensorBoard purges its events after it.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: Optional[int] = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            if resume_step is not None:
+                truncate_records(self.path, resume_step)
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
 
     def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -86,6 +111,23 @@ class MetricLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def truncate_records(path: Path, step: int) -> None:
+    """Keep the records of ``path`` (``metrics.jsonl``) whose step is at most ``step``."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def merge(into: Dict[str, float], extra: Optional[Mapping[str, float]], where: str) -> Dict[str, float]:

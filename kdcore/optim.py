@@ -59,11 +59,34 @@ def build_optimizer(module: torch.nn.Module, train, total_steps: int) -> Tuple[t
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def optimizer_step(params, optimizer, scheduler, clip: float) -> float:
+def optimizer_step(params, optimizer, scheduler, clip: float, skip=None) -> float:
     """Clip the global gradient norm (``clip`` 0 = off), step, advance the schedule, zero the
-    gradients; returns the norm before clipping."""
+    gradients; returns the norm before clipping. ``skip(norm) -> bool`` may veto the update
+    (a non-finite step): then neither the weights, the optimizer state nor the schedule move."""
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    optimizer.step()
-    scheduler.step()
+    if skip is None or not skip(float(norm)):
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+HYPERPARAMETERS = ("lr", "initial_lr", "weight_decay", "betas")
+
+
+def hyperparameters(optimizer, scheduler) -> Dict:
+    """The configured hyperparameters of every group and the schedule's base rates (what a
+    freshly built optimizer holds, before a checkpoint overwrites them)."""
+    return {"groups": [{k: g[k] for k in HYPERPARAMETERS if k in g} for g in optimizer.param_groups],
+            "base_lrs": list(scheduler.base_lrs)}
+
+
+def set_hyperparameters(optimizer, scheduler, fresh: Dict) -> None:
+    """After restoring a checkpoint with a changed config: the new hyperparameters and base
+    rates apply, at the restored position of the (new) schedule."""
+    scheduler.base_lrs = list(fresh["base_lrs"])
+    for group, values, base, factor in zip(optimizer.param_groups, fresh["groups"], scheduler.base_lrs,
+                                           scheduler.lr_lambdas):
+        group.update({k: v for k, v in values.items() if k != "lr"})
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

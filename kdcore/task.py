@@ -41,5 +41,10 @@ class Task:
     def examples(self, split: str) -> List[Example]:
         raise NotImplementedError
 
+    def num_examples(self, split: str) -> int:
+        """How many examples ``split`` has, for ``--validate``: reads the data (so a malformed
+        file is reported) but may skip expensive work (a SeqKD task's generations)."""
+        return len(self.examples(split))
+
     def check(self) -> None:
         """Validate without loading data that is expensive (files exist, formats parse)."""

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from .assemble import Components, build_components, write_run_files
-from .checkpoint import Checkpoints
+from .checkpoint import Checkpoints, check_output_dir, latest
 from .config import Config
 from .data import RunData, response_tokens
 from .distill import LOSS, DistillModule, forward_into, with_loss
 from .distributed import DistInfo, all_reduce_sum, autocast_dtype, wrap_ddp
 from .errors import DataError
 from .evaluate import RunEvaluation
+from .guard import StepGuard
 from .hooks import RunContext, RunHooks
 from .metrics import MetricLog, MetricSums, merge
 from .optim import build_optimizer, optimizer_step
@@ -67,7 +68,7 @@ class Trainer:
         self.cfg, self.dist, t = config, dist_info, config.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.out, self.device = Path(config.run.output_dir), dist_info.device
+        self.out, self.device = check_output_dir(config.run.output_dir, create=True), dist_info.device
         self.checkpoints = Checkpoints(self.out, dist_info, t.keep_last, config.eval.select_by)
         self.checkpoints.refuse_existing(t.resume)
         seed_everything(config.run.seed + dist_info.rank)
@@ -83,36 +84,43 @@ class Trainer:
         self.throughput = Throughput(self.device, self.amp, t.peak_flops)
         self.timer = self.module.timer = self.throughput.timer
         self.step, self.run, self.log, self.hooks = 0, RunContext(self), None, None
+        self.guard, self.preempted, self._saved_step = StepGuard(dist_info, t.max_consecutive_skips), False, None
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
         from tqdm.auto import tqdm
 
         self._start()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         last_eval: Dict[str, float] = {}
         steps = iter(self.data.steps(self.step, self.total_steps))
-        while True:
-            tick = time.perf_counter()
-            with self.timer.section("data"):
-                micro = next(steps, None)
-            if micro is None:
-                break
-            metrics = self.train_step(micro)
-            self._log_step(metrics, time.perf_counter() - tick)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics[LOSS]:.4f}", lr=f"{metrics['lr']:.2e}")
-            last_eval = self._evaluate_and_save(last_eval)
-        bar.close()
+        with self.guard, tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
+                              dynamic_ncols=True) as bar:  # closed (its line ended) before any error is printed
+            while True:
+                tick = time.perf_counter()
+                with self.timer.section("data"):
+                    micro = next(steps, None)
+                if micro is None:
+                    break
+                metrics = self.train_step(micro)
+                self._log_step(metrics, time.perf_counter() - tick)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics[LOSS]:.4f}", lr=f"{metrics['lr']:.2e}")
+                last_eval = self._evaluate_and_save(last_eval)
+                self.guard.check(self.step, latest(self.checkpoints.root))
+                if self.guard.should_stop() and self.step < self.total_steps:
+                    bar.close()
+                    return self._stop_preempted(last_eval)
         return self._finish(last_eval)
 
     def train_step(self, micro_batches) -> Dict[str, float]:
-        """One optimizer step over this rank's micro-batches of a global batch."""
+        """One optimizer step over this rank's micro-batches of a global batch (skipped, on
+        every rank, when its loss or gradient norm is not finite: :mod:`kdcore.guard`)."""
         self.hooks.call("kdcore_before_step", step=self.step, batches=micro_batches)
         metrics = self.accumulate(micro_batches)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         with self.timer.section("optimizer"):
-            metrics["grad_norm"] = self.optimizer_step()
+            metrics["grad_norm"] = self.optimizer_step(metrics.get(LOSS, 0.0))
+        metrics["skipped"], metrics["skipped_steps"] = float(self.guard.last_skipped), float(self.guard.skipped)
         self.step += 1
         return metrics
 
@@ -137,9 +145,10 @@ class Trainer:
         metrics = with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.cfg.objective.kd_weight)
         return {**metrics, "tokens": n_global, "all_tokens": totals[1]}
 
-    def optimizer_step(self) -> float:
+    def optimizer_step(self, loss: float = 0.0) -> float:
         params = [p for p in self.module.parameters() if p.requires_grad]
-        return optimizer_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_grad)
+        return optimizer_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_grad,
+                              skip=lambda norm: self.guard.skip(loss, norm, self.step + 1))
 
 
     def _log_step(self, metrics: Dict[str, float], seconds: float) -> None:
@@ -150,11 +159,16 @@ class Trainer:
             self.log.log("train", self.step, metrics)
 
     def _evaluate_and_save(self, last_eval: Dict[str, float]) -> Dict[str, float]:
+        """Evaluate and checkpoint on cadence; every evaluation is a candidate for ``best/``."""
         evaluated = self.cadence.evaluates(self.step)
+        is_best = False
         if evaluated:
             last_eval = self.evaluate_and_log()
+            is_best = self.checkpoints.observe(self.step, last_eval)
         if self.cadence.saves(self.step, evaluated) or self.step == self.total_steps:
-            self.save_checkpoint(last_eval if evaluated else None)
+            self.save_checkpoint()
+        if is_best:
+            self.export_best()
         return last_eval
 
     # -- evaluation -------------------------------------------------------------------------
@@ -175,11 +189,12 @@ class Trainer:
     # -- start, checkpoints, end ------------------------------------------------------------
     def _start(self) -> None:
         """Outputs, hooks, resume, and the evaluations before training."""
+        self.hooks = RunHooks(self.run, self.parts.instances())
+        resumed = self.maybe_resume()  # before config.yaml is rewritten: a changed config is refused first
         if self.dist.is_main:
             write_run_files(self.cfg, self.out)
-        self.log, self.hooks = MetricLog(self.out, self.dist.is_main), RunHooks(self.run, self.parts.instances())
+        self.log = MetricLog(self.out, self.dist.is_main, resume_step=self.step if resumed else None)
         self.throughput.start()
-        self.maybe_resume()
         self.module.train()
         self.hooks.call("kdcore_run_start")
         if self.step == 0 and self.cfg.train.eval_at_start:
@@ -193,19 +208,39 @@ class Trainer:
             self.log.log("test", self.step, record)
 
     def save_checkpoint(self, eval_metrics: Optional[Dict[str, float]] = None) -> None:
-        is_best = self.checkpoints.observe(self.step, eval_metrics)
-        self.checkpoints.save(self.step, self.module, self.optimizer, self.scheduler, {"total_steps": self.total_steps},
+        """Checkpoint the current step (``eval_metrics``: an evaluation to consider for best first)."""
+        if eval_metrics is not None and self.checkpoints.observe(self.step, eval_metrics):
+            self.export_best()
+        state = {"total_steps": self.total_steps, "config": self.cfg.resolved, **self.guard.record()}
+        self.checkpoints.save(self.step, self.module, self.optimizer, self.scheduler, state,
                               extra=lambda d: self.hooks.call("kdcore_checkpoint_save", step=self.step, directory=d))
-        if is_best:
-            p = self.parts
-            self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False)
+        self._saved_step = self.step
 
-    def maybe_resume(self) -> None:
-        restored = self.checkpoints.restore(self.module, self.optimizer, self.scheduler, self.device) \
-            if self.cfg.train.resume else None
-        if restored is not None:
-            self.step = restored[1]["step"]
-            self.hooks.call("kdcore_checkpoint_load", step=self.step, directory=restored[0])
+    def export_best(self) -> None:
+        p = self.parts
+        self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False)
+
+    def maybe_resume(self) -> bool:
+        """Restore the newest valid checkpoint when ``train.resume``; whether one was restored."""
+        t = self.cfg.train
+        restored = self.checkpoints.restore(self.module, self.optimizer, self.scheduler, self.device,
+                                            config=self.cfg.resolved, allow_changes=t.resume_allow_changes,
+                                            fallback=t.resume_fallback) if t.resume else None
+        if restored is None:
+            return False
+        self.step = self._saved_step = restored[1]["step"]
+        self.guard.restore(restored[1])
+        self.hooks.call("kdcore_checkpoint_load", step=self.step, directory=restored[0])
+        return True
+
+    def _stop_preempted(self, last_eval: Dict[str, float]) -> Dict[str, float]:
+        """A scheduler's signal: checkpoint this step (unless just done) and end the run."""
+        if self._saved_step != self.step:
+            self.save_checkpoint()
+        self.preempted = True
+        self.hooks.close()
+        self.log.close()
+        return last_eval
 
     def _finish(self, last_eval: Dict[str, float]) -> Dict[str, float]:
         """Test-split ROUGE-L after training, ``final/`` (loadable by plain transformers), hooks."""

@@ -58,8 +58,14 @@ def exact_overlap(student_tokenizer, teacher_tokenizer) -> Tuple[torch.Tensor, t
 def min_edit_distance_map(source_tokenizer, target_tokenizer, cache_dir: Path | None = None,
                           block: int = 512) -> List[int]:
     """For every source token id, the target id with the same string after marker mapping, else
-    the target token at minimum Levenshtein distance (the first one on ties) — FuseLLM's
-    vocabulary mapping. Computed once per tokenizer pair and cached as JSON.
+    the target token at minimum Levenshtein distance — FuseLLM's vocabulary mapping. Computed once
+    per tokenizer pair and cached as JSON.
+
+    Ties are broken towards the lowest target id, in both cases: when two target ids share a
+    string (holes of ``token_strings`` aside, only added tokens can), the first one is the exact
+    match; among targets at the same minimum distance, the first one (``argmin``) wins. FuseLLM's
+    own script may break distance ties differently; :func:`load_vocab_map` reads a map computed
+    elsewhere (DSKD's ``tea2stu_id_mapping.json``) to reproduce it exactly.
     """
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
@@ -96,6 +102,38 @@ def min_edit_distance_map(source_tokenizer, target_tokenizer, cache_dir: Path | 
         with os.fdopen(fd, "w") as fh:
             json.dump(mapping, fh)
         os.replace(tmp, cache_file)
+    return mapping
+
+
+def load_vocab_map(path, source_size: int, target_size: int) -> List[int]:
+    """A precomputed source -> target id map: a JSON list (index = source id) or object
+    (``{"source_id": target_id}``, DSKD's ``tea2stu_id_mapping.json``), ids in
+    ``[0, source_size)`` and ``[0, target_size)``. Source ids it leaves out map to -1 (unmapped:
+    they give no logit). Bad content is a :class:`~kdcore.errors.DataError` naming the file."""
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DataError(f"vocabulary map file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not a readable JSON vocabulary map ({type(exc).__name__})") from None
+    if isinstance(data, list):
+        data = dict(enumerate(data))
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object {{source_id: target_id}} or a list, got {type(data).__name__}")
+    mapping = [-1] * source_size
+    for key, value in data.items():
+        try:
+            src = int(key)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: key {key!r} is not a token id") from None
+        if not 0 <= src < source_size:
+            raise DataError(f"{path}: source id {src} is outside the teacher vocabulary [0, {source_size})")
+        if type(value) is not int or not 0 <= value < target_size:
+            raise DataError(f"{path}: source id {src} maps to {value!r}, not a student id in [0, {target_size})")
+        mapping[src] = value
     return mapping
 
 

@@ -8,10 +8,11 @@ with its file and line number; ``dataset:`` loads a hub dataset through ``datase
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Annotated, Dict, List, Optional
 
 from kdcore import Task, hookimpl
 from kdcore.errors import ConfigError, DataError
+from kdcore.schema import Range
 from kdcore.instruct_format import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt, read_jsonl, record_to_example
 from kdcore.task import Example
 
@@ -27,11 +28,13 @@ class InstructionTask(Task):
 
     def __init__(self, data_dir: Optional[str] = None, files: Optional[Dict[str, str]] = None,
                  dataset: Optional[str] = None, dataset_splits: Optional[Dict[str, str]] = None,
-                 max_length: int = 512, max_prompt_length: int = 256, max_examples: Optional[int] = None):
+                 max_length: Annotated[int, Range(ge=2)] = 512, max_prompt_length: Annotated[int, Range(ge=1)] = 256,
+                 max_examples: Optional[Annotated[int, Range(ge=1)]] = None):
         if sum(x is not None for x in (data_dir, files, dataset)) != 1:
             raise ConfigError("task 'instruction': give exactly one of data_dir, files or dataset")
         if max_prompt_length >= max_length:
-            raise ConfigError("task 'instruction': max_prompt_length must be smaller than max_length")
+            raise ConfigError(f"task 'instruction': max_prompt_length ({max_prompt_length}) must be smaller than "
+                              f"max_length ({max_length})")
         self.data_dir, self.files, self.dataset = data_dir, files, dataset
         self.dataset_splits = dataset_splits or {}
         self.max_length, self.max_prompt_length, self.max_examples = max_length, max_prompt_length, max_examples

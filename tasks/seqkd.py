@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Optional
 
 from kdcore import Task, hookimpl
 from kdcore.components import spec
 from kdcore.errors import ConfigError, DataError
-from kdcore.schema import check_section
+from kdcore.schema import INT64_MAX, Range, check_section
 from kdcore.task import Example
 
 
@@ -28,8 +28,10 @@ class SeqKDTask(Task):
     name = "seqkd"
 
     def __init__(self, source: Dict[str, Any], teacher: Dict[str, Any], cache_dir: str = "runs/seqkd-cache",
-                 sample_seed: int = 1, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 no_repeat_ngram_size: int = 6, batch_size: int = 8, block_size: int = 64):
+                 sample_seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 1, max_new_tokens: Annotated[int, Range(ge=1)] = 256,
+                 temperature: Annotated[float, Range(gt=0)] = 1.0, top_k: Annotated[int, Range(ge=0)] = 0,
+                 top_p: Annotated[float, Range(gt=0, le=1)] = 1.0, no_repeat_ngram_size: Annotated[int, Range(ge=0)] = 6,
+                 batch_size: Annotated[int, Range(ge=1)] = 8, block_size: Annotated[int, Range(ge=1)] = 64):
         from kdcore.models import ModelConfig
 
         self.source = spec("task", source, where="task.source").build()
@@ -67,6 +69,10 @@ class SeqKDTask(Task):
         if self._train is None:
             self._train = self._teacher_responses(self.source.examples("train"))
         return self._train
+
+    def num_examples(self, split: str) -> int:
+        """One teacher response per source example: counted without generating them."""
+        return self.source.num_examples(split)
 
     def _teacher_responses(self, source: List[Example]) -> List[Example]:
         import torch.distributed as dist

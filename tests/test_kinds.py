@@ -99,7 +99,8 @@ def test_lifecycle_hooks_are_called_in_order_with_their_arguments(make_config, t
     assert [r["recorder_calls"] for r in records if r["split"] == "summary"] == [9.0]
 
     calls.clear()
-    assert main(["--config", str(path), *extra, "train.max_steps=3", "train.resume=true"]) == 0
+    assert main(["--config", str(path), *extra, "train.max_steps=3", "train.resume=true",
+                 "train.resume_allow_changes=true"]) == 0  # a longer run: a change of the config
     assert calls[0] == ("checkpoint_load", 2, "step 2\n") and calls[1] == ("run_start", 2)
     assert [c[1] for c in calls if c[0] == "before_step"] == [2]
 

@@ -9,17 +9,29 @@ normalised pair space and attends over the teacher's response positions:
     S = Q Kᵀ / √(2D) − 1e5 · (1 − M_s ⊗ M_t)    [B, n, m]  (fp32; response ↔ response only)
     A_t2s = softmax_m(S)   A_s2t = softmax_n(Sᵀ)
 
-``teacher_to_student(x) = A_t2s x`` and ``student_to_teacher(x) = A_s2t x``; the teacher value
-projected into student space is ``Norm(h_t) + Norm(E_t(y_t))``. ``Norm(X) = X / std(X)``, one
-scalar per tensor; unlike the reference code the std is taken over response rows only, so it
-does not depend on how much padding a batch holds. Student-space KD is restricted to positions
-where the projected teacher predicts the gold token (``mask_kd_by_teacher_accuracy``).
-Embeddings come from ``get_input_embeddings()``, so any family works (GPT-2 teachers too).
+``teacher_to_student(x) = A_t2s x`` and ``student_to_teacher(x) = A_s2t x``, computed in fp32
+(the attention weights are never rounded to the autocast dtype) and cast to ``x``'s dtype, as
+the reference does; the teacher value projected into student space is
+``Norm(h_t) + Norm(E_t(y_t))``. ``Norm(X) = X / std(X)``, one scalar per tensor, with the std
+taken over
+
+* ``norm: response`` (default): the response rows only, so it does not depend on how much
+  prompt and padding a batch holds;
+* ``norm: padded``: every element of the batch tensor, prompt and padding rows included (masked
+  positions embed id 0), the formula of the DSKD code (docs/methods.md#cma). The reference pads
+  every sequence to 512 tokens; kdcore pads to the longest sequence of the micro-batch, so the
+  two agree exactly only on batches of equal padded length.
+
+Student-space KD is restricted to positions where the projected teacher predicts the gold token
+(``mask_kd_by_teacher_accuracy``), so the choice of ``norm`` moves ``kd_student`` through that
+gate as well as through the values. Embeddings come from ``get_input_embeddings()``, so any
+family works (GPT-2 teachers too).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,9 +42,23 @@ from kdcore.aligner import Alignment
 
 def masked_std_normalize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x / std(x[mask])`` with one scalar std over all elements of the masked rows."""
-    rows = x[mask]
-    std = rows.float().std() if rows.numel() > 1 else x.new_tensor(1.0, dtype=torch.float32)
+    return _divide_by_std(x, x[mask])
+
+
+def padded_std_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / std(x)`` with one scalar std over every element of ``x`` [B, L, h] (the reference)."""
+    return _divide_by_std(x, x)
+
+
+def _divide_by_std(x: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+    std = over.float().std() if over.numel() > 1 else x.new_tensor(1.0, dtype=torch.float32)
     return x / std.clamp_min(1e-6).to(x.dtype)
+
+
+def attend(attn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``attn @ x`` ([B, q, k] x [B, k, h] -> [B, q, h]) in fp32 even under autocast, cast to ``x``'s dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.bmm(attn.float(), x.float()).to(x.dtype)
 
 
 def pair_embeddings(side) -> torch.Tensor:
@@ -53,10 +79,10 @@ class CMAAlignment(Alignment):
         self._teacher_value, self.mask_kd_by_teacher_accuracy = teacher_value, mask_kd
 
     def teacher_to_student(self, x):
-        return torch.bmm(self.attn_t2s.to(x.dtype), x)
+        return attend(self.attn_t2s, x)
 
     def student_to_teacher(self, x):
-        return torch.bmm(self.attn_s2t.to(x.dtype), x)
+        return attend(self.attn_s2t, x)
 
     def teacher_value(self, teacher):
         return self._teacher_value
@@ -67,19 +93,23 @@ class CrossModelAttention(Aligner):
     projectors = frozenset({"student_space", "teacher_space", "dual"})
 
     def __init__(self, student_hidden_size: int, teacher_hidden_size: int, mask_kd_by_teacher_accuracy: bool = True,
-                 student_model_config=None, teacher_model_config=None):
+                 norm: Literal["response", "padded"] = "response", student_model_config=None, teacher_model_config=None):
         super().__init__()
         d_s = _embedding_size(student_model_config, student_hidden_size)
         d_t = _embedding_size(teacher_model_config, teacher_hidden_size)
         self.query = nn.Linear(2 * d_s, 2 * d_t)
-        self.mask_kd_by_teacher_accuracy = mask_kd_by_teacher_accuracy
+        self.mask_kd_by_teacher_accuracy, self.norm = mask_kd_by_teacher_accuracy, norm
+
+    def normalize(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``Norm(x)`` over the response rows (``norm: response``) or the whole tensor (``padded``)."""
+        return masked_std_normalize(x, mask) if self.norm == "response" else padded_std_normalize(x)
 
     def align(self, student, teacher, extras=None) -> Alignment:
         m_s, m_t = student.mask, teacher.mask
         i_s, i_t = pair_embeddings(student), pair_embeddings(teacher)
         with torch.autocast(i_s.device.type, enabled=False):
             q = self.query(i_s.float())
-            k = masked_std_normalize(i_t.float(), m_t)
+            k = self.normalize(i_t.float(), m_t)
             scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(k.shape[-1])
             pair = m_s[:, :, None] & m_t[:, None, :]
             scores = scores.masked_fill(~pair, -1e5)
@@ -88,7 +118,7 @@ class CrossModelAttention(Aligner):
         y_t = torch.where(m_t, teacher.labels, torch.zeros_like(teacher.labels))
         with torch.no_grad():
             next_emb = teacher.embeddings(y_t)
-        value = masked_std_normalize(teacher.hidden, m_t) + masked_std_normalize(next_emb.to(teacher.hidden.dtype), m_t)
+        value = self.normalize(teacher.hidden, m_t) + self.normalize(next_emb.to(teacher.hidden.dtype), m_t)
         return CMAAlignment(attn_t2s, attn_s2t, m_s, m_t, value, self.mask_kd_by_teacher_accuracy)
 
 

@@ -3,8 +3,10 @@
 
 Vocabulary: every teacher token maps to the student token with the same string after mapping
 the word-boundary marker (``Ġ`` <-> ``▁``), else to the student token at minimum edit
-distance; computed once per tokenizer pair and cached (``$KDCORE_CACHE/vocab``). Each student
-id keeps the first teacher id mapped onto it.
+distance, ties to the lowest student id; computed once per tokenizer pair and cached
+(``$KDCORE_CACHE/vocab``), or read from ``vocab_map`` (a JSON file such as DSKD's
+``tea2stu_id_mapping.json``, to reproduce a map computed elsewhere). Each student id keeps the
+first (lowest) teacher id mapped onto it (DSKD's ``max_align_num = 1``).
 
 Positions (per example, in the data-loader workers): the input tokens at response positions of
 both sequences are aligned by dynamic time warping with cost = Levenshtein distance between
@@ -18,7 +20,7 @@ Use with projector ``none`` and a same-vocabulary criterion (``fkl`` reproduces 
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ import torch
 from kdcore import Aligner, hookimpl
 from kdcore.aligner import Alignment, gather_rows
 from kdcore.models import cache_root
-from kdcore.vocab import boundary_marker, min_edit_distance_map, token_strings
+from kdcore.vocab import boundary_marker, load_vocab_map, min_edit_distance_map, token_strings
 
 FILL = -1e5
 GOLD = 100.0
@@ -89,9 +91,12 @@ class MinEDAligner(Aligner):
     projectors = frozenset({"none"})
     maps_vocabulary = True
 
-    def __init__(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int):
+    def __init__(self, student_tokenizer, teacher_tokenizer, student_vocab_size: int, vocab_map: Optional[str] = None):
         super().__init__()
-        t2s = min_edit_distance_map(teacher_tokenizer, student_tokenizer, cache_dir=cache_root() / "vocab")
+        if vocab_map is not None:
+            t2s = load_vocab_map(vocab_map, len(token_strings(teacher_tokenizer)), student_vocab_size)
+        else:
+            t2s = min_edit_distance_map(teacher_tokenizer, student_tokenizer, cache_dir=cache_root() / "vocab")
         first: Dict[int, int] = {}
         for t_id, s_id in enumerate(t2s):  # each student id keeps the first teacher id mapped to it
             first.setdefault(s_id, t_id)
