@@ -10,9 +10,13 @@ Both paths start from hidden states and output heads and end with ``.backward()`
       criterion.per_token(student_logits, teacher_logits).sum().backward()
 
 * **chunked** — kdcore's engine path, :func:`kdcore.kdspace.evaluate_space` on
-  ``Space(name="student", student_hidden=h_s, student_head=Head(W_s), teacher_hidden=h_t,
-  teacher_head=Head(W_t, detach=True), criterion=c)`` with ``--chunk-size`` rows per chunk
-  (default 1024), then ``.backward()`` of its ``kd_student`` sum.
+  ``Space("student", Rows(h_s, Head(W_s)), Rows(h_t, Head(W_t, detach=True)), c)`` with
+  ``--chunk-size`` rows per chunk (default: a budget of logits, ``auto_chunk_rows``), the fused
+  path (each chunk's gradient computed in the forward pass, :mod:`kdcore.fused`), then
+  ``.backward()`` of its ``kd_student`` sum;
+* **checkpointed** (``--modes ... checkpointed``) — the same chunks through autograd under
+  activation checkpointing (``evaluate_space(..., fused=False)``, ``objective.fused: false``),
+  which recomputes both heads in backward.
 
 ``h_s`` requires grad (the gradient flows back into the student); the heads are frozen by
 default so that the numbers are the loss's own memory (``--train-head`` also trains ``W_s``,
@@ -142,7 +146,7 @@ def worker(args) -> dict:
     import torch
 
     import kdcore
-    from kdcore.kdspace import Head, Space, evaluate_space
+    from kdcore.kdspace import Head, Rows, Space, evaluate_space
 
     torch.set_grad_enabled(True)
     device = torch.device(args.device)
@@ -168,9 +172,8 @@ def worker(args) -> dict:
             loss = criterion.per_token(s_logits, t_logits).sum()
             del s_logits, t_logits
         else:
-            space = Space(name="student", student_hidden=hs, student_head=Head(w_s), teacher_hidden=ht,
-                          teacher_head=Head(w_t, detach=True), criterion=criterion)
-            losses, _ = evaluate_space(space, chunk_size=args.chunk_size or None)
+            space = Space("student", Rows(hs, Head(w_s)), Rows(ht, Head(w_t, detach=True)), criterion)
+            losses, _ = evaluate_space(space, chunk_size=args.chunk_size or None, fused=args.mode == "chunked")
             loss = losses["kd_student"]
             del losses, space
         loss.backward()
@@ -216,6 +219,7 @@ def spawn(args, worker_args) -> dict:
 # -- criterion level: kdcore's analytic gradient side by side with autograd formulas ---------------
 
 IMPLEMENTATIONS = ("kdcore", "autograd", "dskd", "trl")
+ENGINE_MODES = ("naive", "chunked", "checkpointed")
 # TRL's generalized_jsd_loss covers three of the criteria: beta = 0 is forward KL, beta = 1
 # reverse KL, and in between the same generalised JSD as ``jsd`` (beta = the teacher's weight).
 TRL_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}
@@ -417,7 +421,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=["512x50257", "128x151936"],
                         help="N x V logits shapes of --criterion-level (default: 512x50257 128x151936)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["naive", "chunked", "criterion"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="+", default=["naive", "chunked"], choices=ENGINE_MODES,
+                        help="engine-level paths to measure (default: naive chunked; add checkpointed)")
+    parser.add_argument("--mode", choices=[*ENGINE_MODES, "criterion"], help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -449,33 +455,33 @@ def naive_vs_chunked(args, criteria) -> int:
     print(f"device={args.device} hidden={args.hidden} teacher_hidden={dt} dtype={args.dtype} "
           f"chunk_size={args.chunk_size} repeats={args.repeats} train_head={args.train_head} max_gb={args.max_gb:g}")
     print()
-    print("| criterion | V | tokens | naive ms | chunked ms | naive peak MiB | chunked peak MiB | ratio (chunked/naive peak) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    modes = args.modes
+    print("| criterion | V | tokens | " + " | ".join(f"{m} ms" for m in modes) + " | "
+          + " | ".join(f"{m} peak MiB" for m in modes) + " | ratio (chunked/naive peak) |")
+    print("|---|---:|---:|" + "---:|" * (2 * len(modes) + 1))
     inexact = False
     mismatches = []
     for criterion in criteria:
         for v in args.vocab:
             for n in args.tokens:
                 cells = {}
-                for mode in ("naive", "chunked"):
+                for mode in modes:
                     est = estimate_bytes(criterion, mode, v, n, args.hidden, dt, args.chunk_size, dtype_bytes)
                     if est > args.max_gb * GiB:
                         cells[mode] = {"skip": f"skipped (est. {est / GiB:.1f} GB)"}
                     else:
                         cells[mode] = run_one(args, criterion, mode, v, n)
                         inexact |= cells[mode].get("exact") is False
-
-                def ms(c):
-                    return c.get("skip") or c.get("error") or f"{c['ms']:.0f}"
-
-                def mib(c):
-                    return c.get("skip") or c.get("error") or f"{c['peak_bytes'] / MiB:.0f}"
-
-                nv, ch = cells["naive"], cells["chunked"]
-                if "value" in nv and "value" in ch and abs(nv["value"] - ch["value"]) > 1e-4 * abs(nv["value"]) + 1e-3:
-                    mismatches.append(f"{criterion} V={v} tokens={n}: naive loss {nv['value']:.6g} vs chunked {ch['value']:.6g}")
+                values = {m: c["value"] for m, c in cells.items() if "value" in c}
+                ref = next(iter(values.values()), None)
+                for m, value in values.items():
+                    if abs(value - ref) > 1e-4 * abs(ref) + 1e-3:
+                        mismatches.append(f"{criterion} V={v} tokens={n}: {m} loss {value:.6g} vs {ref:.6g}")
+                times = [c.get("skip") or c.get("error") or f"{c['ms']:.0f}" for c in cells.values()]
+                peaks = [c.get("skip") or c.get("error") or f"{c['peak_bytes'] / MiB:.0f}" for c in cells.values()]
+                nv, ch = cells.get("naive", {}), cells.get("chunked", {})
                 ratio = f"{ch['peak_bytes'] / nv['peak_bytes']:.3f}" if "peak_bytes" in nv and "peak_bytes" in ch else "–"
-                print(f"| {criterion} | {v} | {n} | {ms(nv)} | {ms(ch)} | {mib(nv)} | {mib(ch)} | {ratio} |", flush=True)
+                print(f"| {criterion} | {v} | {n} | " + " | ".join(times + peaks) + f" | {ratio} |", flush=True)
     for line in mismatches:
         print(f"\nWARNING: the two paths disagree: {line}")
     if inexact:
