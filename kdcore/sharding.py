@@ -164,13 +164,15 @@ class _MetadataUnpickler(pickle.Unpickler):
     """DCP's ``.metadata`` is a pickle; this reads it without running code: only the classes of
     ``torch.distributed.checkpoint.metadata`` and a few torch/builtin value types may appear."""
 
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                       "torch.distributed.checkpoint._extension")
-    ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
-               ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+    CLASS_MODULES = ("torch.distributed.checkpoint.metadata",)  # dataclasses and enums only
+    ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")}  # a layout by its name
 
     def find_class(self, module, name):
-        if module in self.ALLOWED_MODULES or (module, name) in self.ALLOWED:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module in self.CLASS_MODULES and isinstance(super().find_class(module, name), type):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

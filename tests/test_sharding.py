@@ -81,3 +81,76 @@ def test_two_process_fsdp_matches_one_process(make_config, tmp_path, layout):
     assert_close_dicts(grads, fsdp["grads"], rtol=1e-4, atol=1e-6)
     assert_close_dicts({n: p.detach() for n, p in single.module.named_parameters()}, fsdp["params"],
                        rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- a run, resumes
+
+RUN = ["train.schedule=constant", "train.save_every=2", "train.keep_last=3", "train.eval_every=2",
+       "eval.batch_size=3"]
+
+
+def final_weights(out: Path):
+    from transformers import AutoModelForCausalLM
+
+    return {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(out / "final").named_parameters()}
+
+
+def test_one_process_fsdp_run_checkpoints_and_exports(make_config, tmp_path, one_process_group):
+    out = tmp_path / "one"
+    trainer = in_process(make_config(), *RUN, "train.strategy=fsdp", "train.max_steps=2", f"run.output_dir={out}",
+                         "train.micro_batch_size=2", "train.grad_accum=2")
+    trainer.train()
+    ckpt = out / "checkpoints" / "step_000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["format"] == "dcp" and "dcp/.metadata" in state["files"] and "optimizer_groups.pt" in state["files"]
+    assert not (ckpt / "model.pt").exists()
+    got = final_weights(out)
+    want = {n[len("student."):]: p.full_tensor() for n, p in trainer.module.named_parameters()}
+    assert_close_dicts(got, want, rtol=0, atol=0)
+
+
+def torchrun(config, *overrides, nproc: int = 2, timeout: int = 600) -> str:
+    """``torchrun --nproc_per_node N -m kdcore.cli --config ...``: a real launch (rendezvous,
+    process group, gloo); returns its output."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            free_port(), "-m", "kdcore.cli", "--config", str(config), *overrides]
+    done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-6000:]
+    return done.stdout
+
+
+@pytest.fixture
+def reference(make_config, tmp_path):
+    """4 steps in one plain process, global batch 4 (2 x 2): the run the resumed ones must equal."""
+    out = tmp_path / "reference"
+    in_process(make_config(name="ref.yaml"), *RUN, "train.max_steps=4", f"run.output_dir={out}",
+               "train.micro_batch_size=2", "train.grad_accum=2").train()
+    return final_weights(out)
+
+
+def test_resume_two_processes_then_one(make_config, tmp_path, reference, one_process_group):
+    """Steps 1-2 on 2 fsdp ranks (micro 2 each), steps 3-4 resumed from the DCP checkpoint in one
+    process (accumulating 2 x 2): the same weights as the uninterrupted reference."""
+    path, out = make_config(name="cut.yaml"), tmp_path / "cut"
+    torchrun(path, *RUN, "train.strategy=fsdp", "train.max_steps=2", f"run.output_dir={out}",
+             "train.micro_batch_size=2", "train.grad_accum=1")
+    assert json.loads((out / "checkpoints" / "step_000002" / "state.json").read_text())["world_size"] == 2
+    resumed = in_process(path, *RUN, "train.strategy=fsdp", "train.max_steps=4", f"run.output_dir={out}",
+                         "train.micro_batch_size=2", "train.grad_accum=2", "train.resume=true",
+                         "train.resume_allow_changes=true")
+    resumed.train()
+    assert resumed.step == 4
+    assert_close_dicts(final_weights(out), reference, rtol=0, atol=1e-5)
+
+
+def test_resume_one_process_then_two(make_config, tmp_path, reference, one_process_group):
+    path, out = make_config(name="cut.yaml"), tmp_path / "cut"
+    in_process(path, *RUN, "train.strategy=fsdp", "train.max_steps=2", f"run.output_dir={out}",
+               "train.micro_batch_size=2", "train.grad_accum=2").train()
+    shutdown()
+    log = torchrun(path, *RUN, "train.strategy=fsdp", "train.max_steps=4", f"run.output_dir={out}",
+                   "train.micro_batch_size=2", "train.grad_accum=1", "train.resume=true",
+                   "train.resume_allow_changes=true")
+    assert "resumed from" in log and "step_000002" in log
+    assert_close_dicts(final_weights(out), reference, rtol=0, atol=1e-5)
