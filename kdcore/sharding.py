@@ -8,7 +8,7 @@
   DTensor split on dim 0 (``Shard(0)``), so a rank stores ``1/W`` of the weights, gradients and
   AdamW moments (ZeRO-3).
 
-  - student: one FSDP unit per decoder layer (all-gathered for its forward, resharded after
+  - student: rank 0's initial weights broadcast (as DDP does), then one FSDP unit per decoder layer (all-gathered for its forward, resharded after
     it, all-gathered again for its backward); the :class:`~kdcore.distill.DistillModule` is the
     root unit and holds the rest: embeddings, final norm, head, projector and aligner. The KD
     loss reads the student head weight inside the root's forward, where it is unsharded.
@@ -125,10 +125,21 @@ class FullyShard:
             replicated = {p for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings())
                           for p in m.parameters()}
             fully_shard(backbone(teacher), mesh=self.mesh, mp_policy=self.mp_policy, ignored_params=replicated)
+        self.broadcast_from_rank0(module)
         for layer in decoder_layers(module.student):
             fully_shard(layer, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
         fully_shard(module, mesh=self.mesh, mp_policy=self.mp_policy)
         return module
+
+    def broadcast_from_rank0(self, module) -> None:
+        """Give every rank rank 0's parameters and buffers before sharding. Ranks seed with
+        ``seed + rank``, so fresh weights (projector, aligner, LoRA adapters) differ between
+        ranks; DDP broadcasts them when it wraps, fully_shard would keep each rank's own slice."""
+        if not self.info.enabled:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
 
     def no_sync(self, model, last: bool):
         """Reduce-scatter after every micro-batch: the accumulated gradients stay sharded (1/W of
