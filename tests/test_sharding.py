@@ -64,12 +64,20 @@ def assert_close_dicts(a, b, **tol):
 
 # ---------------------------------------------------------------------------------- one step
 
-@pytest.mark.parametrize("layout", [("2", "1"), ("1", "2")], ids=["micro2", "accum2"])
-def test_two_process_fsdp_matches_one_process(make_config, tmp_path, layout):
+LORA_CHECKPOINTED = {"student": {"tuner": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                                  "gradient_checkpointing": True}, "train": {"clip_grad": 0.005}}
+
+
+@pytest.mark.parametrize("layout,extra", [(("2", "1"), {}), (("1", "2"), {}), (("2", "1"), LORA_CHECKPOINTED)],
+                         ids=["micro2", "accum2", "lora-activation-checkpointing"])
+def test_two_process_fsdp_matches_one_process(make_config, tmp_path, layout, extra):
     """The same global batch of 4: 2 fsdp ranks (micro x accum per rank) vs one plain process
-    accumulating 2 x 2; gradients (before) and parameters (after one AdamW step) agree."""
+    accumulating 2 x 2; gradients (before) and parameters (after one AdamW step) agree. Also
+    with LoRA adapters (frozen and trainable parameters in one FSDP unit) and activation
+    checkpointing (layers recomputed, and all-gathered again, in backward)."""
     micro, accum = layout
-    path = make_config({"train": {"clip_grad": 0.2}})  # a clip that binds: clipping across shards is tested
+    path = make_config({"train": {"clip_grad": 0.2}, **extra})  # a clip that binds: clipping across shards
+    clip = load_config(path).train.clip_grad
     spawn([sys.executable, str(HERE / "ddp_worker.py"), str(path), str(tmp_path / "fsdp.pt"),
            "train.strategy=fsdp", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}"])
     fsdp = torch.load(tmp_path / "fsdp.pt", weights_only=True)
@@ -77,7 +85,8 @@ def test_two_process_fsdp_matches_one_process(make_config, tmp_path, layout):
     single.accumulate(single.data.micro_batches(0))
     grads = {n: p.grad.detach().clone() for n, p in single.module.named_parameters() if p.grad is not None}
     norm = single.optimizer_step()
-    assert norm > 0.2  # the clip was active
+    assert norm > clip  # the clip was active
+    assert len(grads) == len(fsdp["grads"]) < len(fsdp["params"]) if extra else len(grads) == len(fsdp["params"])
     assert_close_dicts(grads, fsdp["grads"], rtol=1e-4, atol=1e-6)
     assert_close_dicts({n: p.detach() for n, p in single.module.named_parameters()}, fsdp["params"],
                        rtol=0, atol=1e-5)
