@@ -226,6 +226,8 @@ def read_state(path: Path) -> Dict:
         raise CheckpointError(f"{file}: 'step' must be {expected} (the directory's step), got {state.get('step')!r}")
     if type(state.get("world_size", 1)) is not int or state.get("world_size", 1) < 1:
         raise CheckpointError(f"{file}: 'world_size' must be a positive integer, got {state.get('world_size')!r}")
+    if not isinstance(state.get("format", TorchFiles.name), str):
+        raise CheckpointError(f"{file}: 'format' must be a format name, got {state.get('format')!r}")
     best = state.get("best")
     if best is not None and not (isinstance(best, dict) and type(best.get("step")) is int
                                  and isinstance(best.get("metric"), str) and isinstance(best.get("value"), (int, float))):

@@ -241,16 +241,20 @@ class DcpFiles:
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        reader, metadata = _safe_reader(directory / DCP_DIR), directory / DCP_DIR / ".metadata"
+        try:  # read here first, so that a refused or unreadable file is this error, not one DCP wraps
+            reader.read_metadata()
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{metadata}: refused: {exc} (loading it could run code)") from None
+        except Exception as exc:  # truncated, not a pickle at all
+            raise CheckpointError(f"{metadata} is corrupt: {type(exc).__name__}") from None
         model_sd, optim_sd = get_state_dict(module, optimizer)  # templates: this run's names and shards
         state = {"model": model_sd, "optimizer": optim_sd["state"]}
         try:
-            dcp.load(state, storage_reader=_safe_reader(directory / DCP_DIR))
+            dcp.load(state, storage_reader=reader)
         except CheckpointException as exc:
             raise CheckpointError(f"checkpoint {directory} is corrupt or does not match this config: "
                                   f"{_first_failure(exc)}") from None
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{directory / DCP_DIR / '.metadata'}: refused: {exc} (loading it could run "
-                                  "code)") from None
         groups = load(directory / OPTIMIZER_GROUPS)
         set_state_dict(module, optimizer, model_state_dict=state["model"],
                        optim_state_dict={"state": state["optimizer"], "param_groups": groups})
@@ -260,7 +264,7 @@ def _first_failure(exc) -> str:
     """The first rank's error of a DCP ``CheckpointException``, on one line."""
     failures = getattr(exc, "failures", None) or {}
     for err in failures.values():
-        inner = getattr(err, "exc", err) if not isinstance(err, BaseException) else err
+        inner = err[0] if isinstance(err, tuple) else err  # DCP keeps (exception, traceback) per rank
         text = str(inner).splitlines()[0] if str(inner) else type(inner).__name__
         if isinstance(inner, OSError) and inner.strerror:
             text = inner.strerror + (f" ({inner.filename})" if inner.filename else "")

@@ -196,3 +196,83 @@ def test_torchrun_ddp_and_fsdp_end_to_end(repo_like_cwd, tmp_path):
     assert_close_dicts(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp"), rtol=0, atol=1e-5)
     train = lambda s: [r["loss"] for r in outs[s] if r["split"] == "train"]
     assert train("ddp") == pytest.approx(train("fsdp"), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def test_fsdp_refuses_generation_during_training(make_config):
+    for override in ("eval.generate=true", "eval.test_split=valid"):
+        with pytest.raises(ConfigError, match="train.strategy: fsdp does not generate"):
+            load_config(make_config(), ["train.strategy=fsdp", override])
+
+
+@pytest.fixture
+def fsdp_checkpoint(make_config, tmp_path, one_process_group):
+    path, out = make_config(), tmp_path / "run"
+    in_process(path, *RUN, "train.strategy=fsdp", "train.max_steps=2", "train.micro_batch_size=2").train()
+    return path, out, out / "checkpoints" / "step_000002"
+
+
+def restored(trainer: Trainer) -> Trainer:
+    """``trainer`` after restoring its newest checkpoint (what ``train()`` does first)."""
+    from kdcore.hooks import RunHooks
+
+    trainer.hooks = RunHooks(trainer.run, trainer.parts.instances())
+    assert trainer.maybe_resume()
+    return trainer
+
+
+def resume(path, *overrides):
+    return restored(in_process(path, *RUN, "train.strategy=fsdp", "train.max_steps=2", "train.micro_batch_size=2",
+                               "train.resume=true", *overrides))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_crafted_dcp_metadata_is_refused_not_run(fsdp_checkpoint, tmp_path, monkeypatch):
+    import pickle
+
+    from kdcore.checkpoint import file_digests
+
+    path, out, ckpt = fsdp_checkpoint
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = file_digests(ckpt)  # an attacker rewrites the checksums too
+    (ckpt / "state.json").write_text(json.dumps(state))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="refused: posix.system is not allowed"):
+        resume(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_corrupt_dcp_shard_is_one_clear_error(fsdp_checkpoint):
+    path, out, ckpt = fsdp_checkpoint
+    shard = next((ckpt / "dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"dcp/{shard.name} is corrupt"):
+        resume(path)
+
+
+def test_ddp_checkpoint_is_not_resumed_sharded(make_config, tmp_path, one_process_group):
+    path = make_config()
+    in_process(path, *RUN, "train.max_steps=2", "train.micro_batch_size=2").train()
+    with pytest.raises(CheckpointError, match="written by train.strategy ddp"):
+        resume(path, "train.resume_allow_changes=true")
+    with pytest.raises(ConfigError, match="train.strategy"):  # without allow_changes: the config change first
+        resume(path)
+
+
+def test_fsdp_checkpoint_resumes_unsharded(fsdp_checkpoint):
+    """A dcp checkpoint also loads into a plain (ddp-strategy) module: DCP reads whole tensors."""
+    path, out, ckpt = fsdp_checkpoint
+    trainer = restored(in_process(path, *RUN, "train.max_steps=2", "train.micro_batch_size=2", "train.resume=true",
+                                  "train.resume_allow_changes=true"))
+    assert trainer.step == 2
+    sharded = resume(path)
+    want = {n: p.full_tensor() for n, p in sharded.module.named_parameters()}
+    assert_close_dicts({n: p.detach() for n, p in trainer.module.named_parameters()}, want, rtol=0, atol=0)
