@@ -76,6 +76,7 @@ class DataParallel:
 
     def __init__(self, info: DistInfo, amp_dtype=None):
         self.info = info
+        self.build_device = info.device  # the models move to the device whole
         self.checkpoint_format = None  # kdcore.checkpoint's own TorchFiles
 
     def wrap(self, module, parts):
@@ -101,6 +102,9 @@ class FullyShard:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         self.info = info
+        # The models stay on the CPU until fully_shard moves them unit by unit (a whole layer to
+        # the device, then only its shard kept): no GPU ever holds the whole teacher.
+        self.build_device = torch.device("cpu")
         if not dist.is_initialized():  # one process: a single-rank group, so the same code path runs
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -122,8 +126,10 @@ class FullyShard:
         if teacher is not None and module.kd_weight > 0:
             for layer in decoder_layers(teacher):
                 fully_shard(layer, mesh=self.mesh, mp_policy=self.mp_policy, reshard_after_forward=True)
-            replicated = {p for m in (teacher.get_input_embeddings(), teacher.get_output_embeddings())
-                          for p in m.parameters()}
+            heads = (teacher.get_input_embeddings(), teacher.get_output_embeddings())
+            for m in heads:  # fully_shard neither shards nor moves ignored parameters
+                m.to(self.info.device)
+            replicated = {p for m in heads for p in m.parameters()}
             fully_shard(backbone(teacher), mesh=self.mesh, mp_policy=self.mp_policy, ignored_params=replicated)
         self.broadcast_from_rank0(module)
         for layer in decoder_layers(module.student):

@@ -76,7 +76,7 @@ class Trainer:
         self.checkpoints.refuse_existing(t.resume)
         seed_everything(config.run.seed + dist_info.rank)
         self.parts = p = components or build_components(config, load_weights=True)
-        self.module = DistillModule.for_run(p, config.objective, self.device)
+        self.module = DistillModule.for_run(p, config.objective, self.sharding.build_device)
         self.model = self.sharding.wrap(self.module, p)
         self.data = RunData(p.task, p, t, config.eval, config.uses_teacher, dist_info, config.run.seed)
         self.total_steps = self.data.total_steps(t.max_steps, t.epochs)

@@ -276,3 +276,30 @@ def test_fsdp_checkpoint_resumes_unsharded(fsdp_checkpoint):
     sharded = resume(path)
     want = {n: p.full_tensor() for n, p in sharded.module.named_parameters()}
     assert_close_dicts({n: p.detach() for n, p in trainer.module.named_parameters()}, want, rtol=0, atol=0)
+
+
+def test_slurm_example_launches_one_torchrun_per_node(tmp_path, make_config):
+    """tools/slurm_example.sh with stand-ins for srun and scontrol: the torchrun line it starts
+    rendezvouses on the first node and is a valid kd-train command line."""
+    import shlex
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a17\\ngpu-a18\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'srun.args'}\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    config = make_config()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_JOB_ID": "4242", "SLURM_CPUS_PER_TASK": "64"}
+    subprocess.run(["bash", str(REPO / "tools" / "slurm_example.sh"), str(config), "train.lr=2e-4"], env=env,
+                   check=True, timeout=60)
+    argv = (tmp_path / "srun.args").read_text().splitlines()
+    assert argv[:2] == ["--kill-on-bad-exit=1", "torchrun"]
+    launch = argv[2:argv.index("-m")]
+    assert launch == ["--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                      "gpu-a17:29500", "--rdzv_id", "4242"], shlex.join(argv)
+    cli = argv[argv.index("-m") + 1:]
+    assert cli[:3] == ["kdcore.cli", "--config", str(config)]
+    cfg = load_config(config, cli[3:])
+    assert cfg.train.strategy == "fsdp" and cfg.train.resume and cfg.train.lr == 2e-4
