@@ -94,6 +94,8 @@ def test_two_process_fsdp_matches_one_process(make_config, tmp_path, layout, ext
 
 # ---------------------------------------------------------------------------------- a run, resumes
 
+# eval: 8 examples in batches of 3 -> 2 batches on rank 0, 1 on rank 1: under fsdp, rank 1 runs a
+# discarded padding forward (a sharded forward is a collective; without it the 2-rank runs hang).
 RUN = ["train.schedule=constant", "train.save_every=2", "train.keep_last=3", "train.eval_every=2",
        "eval.batch_size=3"]
 
