@@ -41,7 +41,7 @@ import io
 import logging
 import pickle
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,6 @@ from .errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("ddp", "fsdp")
 DCP_DIR = "dcp"
 OPTIMIZER_GROUPS = "optimizer_groups.pt"
 

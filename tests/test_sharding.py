@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from kdcore.config import load_config
 from kdcore.distributed import DistInfo, shutdown
