@@ -1,9 +1,14 @@
 """Resumable checkpoints: written atomically, verified on resume, never able to run code.
 
-``checkpoints/step_000040/`` holds ``model.pt`` (student + projector + aligner state),
-``optimizer.pt``, ``scheduler.pt``, ``rng_rank{r}.pt`` (each rank's RNG states, as tensors and
-plain numbers), the files of ``kdcore_checkpoint_save`` hooks, and ``state.json``: the step, the
-world size, the best evaluation so far, the resolved config and the SHA-256 of every other file.
+``checkpoints/step_000040/`` holds the model (student + projector + aligner) and optimizer
+state, ``scheduler.pt``, ``rng_rank{r}.pt`` (each rank's RNG states, as tensors and plain
+numbers), the files of ``kdcore_checkpoint_save`` hooks, and ``state.json``: the step, the world
+size, the format, the best evaluation so far, the resolved config and the SHA-256 of every other
+file. The model and optimizer are in one of two formats (``state.json``'s ``format``):
+``torch`` (:class:`TorchFiles`: ``model.pt`` and ``optimizer.pt`` written by rank 0, for
+``train.strategy: ddp``) or ``dcp`` (:class:`kdcore.sharding.DcpFiles`: a
+torch.distributed.checkpoint directory every rank writes its shards to, for ``fsdp``; it
+resumes on any world size).
 
 * Everything is written into ``.tmp-step_N`` and renamed into place as the last act, so a crash
   never leaves a directory that :func:`latest` would pick up half-written. A write that fails
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE_FILE = "state.json"
 TMP, TRASH = ".tmp-", ".trash-"
-ENGINE_FILES = ("model.pt", "optimizer.pt", "scheduler.pt")
+ENGINE_FILES = ("model.pt", "optimizer.pt", "scheduler.pt")  # the torch format's; see required_files
 RUN_CHECKPOINTS = "checkpoints"  # a run keeps its checkpoints in <run.output_dir>/checkpoints
 # Keys of the resolved config that may differ on resume without being a change of the run.
 RESUME_IGNORES = frozenset({"run.output_dir", "train.resume", "train.resume_allow_changes", "train.resume_fallback",
@@ -221,6 +226,8 @@ def read_state(path: Path) -> Dict:
         raise CheckpointError(f"{file}: 'step' must be {expected} (the directory's step), got {state.get('step')!r}")
     if type(state.get("world_size", 1)) is not int or state.get("world_size", 1) < 1:
         raise CheckpointError(f"{file}: 'world_size' must be a positive integer, got {state.get('world_size')!r}")
+    if not isinstance(state.get("format", TorchFiles.name), str):
+        raise CheckpointError(f"{file}: 'format' must be a format name, got {state.get('format')!r}")
     best = state.get("best")
     if best is not None and not (isinstance(best, dict) and type(best.get("step")) is int
                                  and isinstance(best.get("metric"), str) and isinstance(best.get("value"), (int, float))):
@@ -234,12 +241,13 @@ def read_state(path: Path) -> Dict:
 
 def verify(path: Path, state: Dict) -> None:
     """Every file ``state.json`` records exists and has its recorded SHA-256; the engine's own
-    files are among them. A checkpoint without checksums (older kdcore) is loaded unverified."""
+    files (of its format) are among them. A checkpoint without checksums (older kdcore) is
+    loaded unverified."""
     files = state.get("files")
     if files is None:
         log.warning("checkpoint %s records no checksums (written by an older kdcore): loaded unverified", path)
         return
-    for name in (*ENGINE_FILES, "rng_rank0.pt"):
+    for name in required_files(checkpoint_format(state.get("format", TorchFiles.name))):
         if name not in files:
             raise CheckpointError(f"checkpoint {path}: state.json records no checksum for {name}")
     root = path.resolve()
@@ -286,14 +294,57 @@ def config_changes(old: Dict, new: Dict) -> List[str]:
 
 # ------------------------------------------------------------------------------ save / load
 
+class TorchFiles:
+    """The ``torch`` format: ``model.pt`` (``module.state_dict()``) and ``optimizer.pt``,
+    written by rank 0 (every rank holds the same replica)."""
+
+    name = "torch"
+    files = ("model.pt", "optimizer.pt")
+
+    def write(self, directory: Path, module, optimizer, rank: int) -> None:
+        if rank == 0:
+            torch.save(module.state_dict(), directory / "model.pt")
+            torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+    def read(self, directory: Path, module, optimizer, load: Callable) -> None:
+        if _is_sharded(module):
+            raise CheckpointError(f"checkpoint {directory} was written by train.strategy ddp (format 'torch'); a "
+                                  "sharded (fsdp) run resumes only from fsdp checkpoints (format 'dcp')")
+        module.load_state_dict(load(directory / "model.pt"))
+        optimizer.load_state_dict(load(directory / "optimizer.pt"))
+
+
+def _is_sharded(module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def checkpoint_format(name: str):
+    """The reader/writer of a format named in ``state.json``."""
+    from .sharding import DcpFiles
+
+    formats = {TorchFiles.name: TorchFiles, DcpFiles.name: DcpFiles}
+    if name not in formats:
+        raise CheckpointError(f"unknown checkpoint format {name!r} (known: {', '.join(formats)})")
+    return formats[name]()
+
+
+def required_files(fmt) -> tuple:
+    """The files every checkpoint of format ``fmt`` holds (checked by :func:`verify`)."""
+    return (*fmt.files, "scheduler.pt", "rng_rank0.pt")
+
+
 def save(root: Path, step: int, module, optimizer, scheduler, state: Dict, rank: int, world_size: int,
-         agree: Callable[[bool], bool], extra: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write checkpoint ``step``. Rank 0 writes model/optimizer/scheduler/state, every rank its RNG.
+         agree: Callable[[bool], bool], extra: Optional[Callable[[Path], None]] = None, fmt=None) -> Path:
+    """Write checkpoint ``step``. The format ``fmt`` (default :class:`TorchFiles`) writes model
+    and optimizer; rank 0 the scheduler and state, every rank its RNG.
 
     ``agree(ok)`` tells every rank whether every rank's part succeeded (and synchronises them);
     ``extra(directory)`` runs on every rank after the engine's files are written and before the
     checksums and the rename (plugins' files, through the ``kdcore_checkpoint_save`` hook).
     """
+    fmt = fmt or TorchFiles()
     final = step_dir(root, step)
     tmp = root / f"{TMP}{final.name}"
     what = f"checkpoint {final}"
@@ -306,14 +357,14 @@ def save(root: Path, step: int, module, optimizer, scheduler, state: Dict, rank:
 
     def engine_files():
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        fmt.write(tmp, module, optimizer, rank)
         if rank == 0:
-            torch.save(module.state_dict(), tmp / "model.pt")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
 
     def seal():
         if rank == 0:
-            record = {**state, "step": step, "world_size": world_size, "files": file_digests(tmp)}
+            record = {**state, "step": step, "world_size": world_size, "format": fmt.name,
+                      "files": file_digests(tmp)}
             (tmp / STATE_FILE).write_text(json.dumps(_jsonable(record), indent=2))
             _replace_dir(tmp, final)
 
@@ -338,8 +389,8 @@ def load(path: Path, module, optimizer, scheduler, rank: int, map_location, stat
     checked by :func:`read_state` unless given)."""
     state = read_state(path) if state is None else state
     try:
-        module.load_state_dict(_load(path / "model.pt", map_location))
-        optimizer.load_state_dict(_load(path / "optimizer.pt", map_location))
+        fmt = checkpoint_format(state.get("format", TorchFiles.name))
+        fmt.read(path, module, optimizer, lambda file: _load(file, map_location))
         scheduler.load_state_dict(_load(path / "scheduler.pt"))
         rng_file = path / f"rng_rank{rank}.pt"
         if rng_file.is_file():
@@ -369,8 +420,12 @@ def prune(root: Path, keep_last: int, protect: Optional[int] = None) -> None:
 
 
 def all_finite(module) -> bool:
-    """Whether every parameter of ``module`` is finite (no NaN, no ±inf)."""
-    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    """Whether every parameter of ``module`` is finite (no NaN, no ±inf); of a sharded module,
+    whether this rank's shards are (callers agree over ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p
+    return all(bool(torch.isfinite(local(p)).all()) for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------ a run's checkpoints
@@ -383,9 +438,9 @@ class Checkpoints:
     non-finite value is never best).
     """
 
-    def __init__(self, out: Path, dist, keep_last: int, select_by: str):
+    def __init__(self, out: Path, dist, keep_last: int, select_by: str, fmt=None):
         self.out, self.root, self.dist = Path(out), Path(out) / RUN_CHECKPOINTS, dist
-        self.keep_last, self.select_by = keep_last, select_by
+        self.keep_last, self.select_by, self.fmt = keep_last, select_by, fmt or TorchFiles()
         self.best: Optional[Dict] = None
 
     def agree(self, ok: bool) -> bool:
@@ -417,12 +472,12 @@ class Checkpoints:
     def save(self, step: int, module, optimizer, scheduler, state: Dict, extra=None) -> Path:
         """Checkpoint ``step`` (``best`` is part of its state), then prune old ones. Weights that
         are not finite are never saved: that is a :class:`TrainingError`."""
-        if not all_finite(module):
+        if not self.agree(all_finite(module)):
             good = latest(self.root)
             raise TrainingError(f"the weights are not finite after step {step} (is train.lr too high?); they are not "
                                 f"saved; the last good checkpoint is {good or 'none'}")
         path = save(self.root, step, module, optimizer, scheduler, {"best": self.best, **state}, self.dist.rank,
-                    self.dist.world_size, self.agree, extra)
+                    self.dist.world_size, self.agree, extra, self.fmt)
         if self.dist.is_main:
             prune(self.root, self.keep_last, self.best["step"] if self.best else None)
         self.agree(True)
@@ -479,23 +534,26 @@ class Checkpoints:
                 log.warning("%s; falling back to %s", exc, candidates[i + 1])
         return None, None
 
-    def export(self, name: str, tuner, model, tokenizer, final: bool) -> Optional[Path]:
+    def export(self, name: str, tuner, model, tokenizer, final: bool,
+               gather: Optional[Callable[[], object]] = None) -> Optional[Path]:
         """The student as ``out/name`` (``final``: the tuner's plain export, loadable by plain
         transformers), written to a temporary directory and renamed into place. A non-finite
-        student is never exported: ``best`` is skipped with a warning, ``final`` is an error."""
-        if not all_finite(model):
+        student is never exported: ``best`` is skipped with a warning, ``final`` is an error.
+        ``gather()`` (a sharded student; run on every rank) returns the whole model rank 0 saves."""
+        if not self.agree(all_finite(model)):
             if final:
                 raise TrainingError(f"the trained student is not finite: {self.out / name} is not written; the last "
                                     f"good checkpoint is {latest(self.root) or 'none'}")
             log.warning("the student is not finite: %s is not updated", self.out / name)
             return None
         target, tmp = self.out / name, self.out / f"{TMP}{name}"
+        whole = gather() if gather is not None else model
 
         def write():
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                tuner.save_student(model, tmp, final=final)
+                tuner.save_student(whole, tmp, final=final)
                 tokenizer.save_pretrained(tmp)
                 _replace_dir(tmp, target)
 

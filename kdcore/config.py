@@ -23,6 +23,7 @@ from .models import ModelConfig
 from .kinds import by_config_key, kinds
 from .registry import load_plugins
 from .schema import INT64_MAX, Range, check_section
+from .sharding import check_strategy
 
 SCHEMA_VERSION = 1
 
@@ -137,7 +138,11 @@ class TrainConfig:
     resumed step on); ``resume_fallback``: when the newest checkpoint fails its checksums, resume
     from the newest one that passes. A step whose loss or gradient norm is not finite is
     skipped (no weight, optimizer or schedule update; its batch is consumed);
-    ``max_consecutive_skips`` such steps in a row stop the run."""
+    ``max_consecutive_skips`` such steps in a row stop the run.
+
+    strategy: ``ddp`` (every rank a full replica) or ``fsdp`` (FSDP2: student and teacher
+    sharded over the ranks, distributed checkpoints that resume on any world size;
+    :mod:`kdcore.sharding`)."""
 
     epochs: Annotated[float, Range(gt=0)] = 1.0
     max_steps: Optional[Annotated[int, Range(ge=1)]] = None
@@ -164,6 +169,7 @@ class TrainConfig:
     num_workers: Annotated[int, Range(ge=0)] = 0
     threads: Optional[Annotated[int, Range(ge=1)]] = None
     peak_flops: Optional[Annotated[float, Range(gt=0)]] = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass
@@ -319,6 +325,7 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError("eval.select_by: 'rouge_l' needs eval.generate: true")
     if sections["eval"].generate and not sections["eval"].seeds:
         raise ConfigError("eval.seeds: give at least one seed for dev generation")
+    check_strategy(sections["train"], sections["eval"])
     components = {k.name: _component(k, nodes.get(k.config_key)) for k in kinds() if k.config_key}
 
     resolved: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "plugins": plugins}

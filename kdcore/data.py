@@ -247,6 +247,16 @@ class RunData:
         for idx in eval_batches(len(self.eval_set), self.eval_batch_size, self.dist.world_size, self.dist.rank):
             yield self.collate([self.eval_set[i] for i in idx])
 
+    def eval_padding(self) -> List[Dict]:
+        """Batches this rank runs and discards so that every rank runs as many evaluation forwards
+        as the rank with the most batches (a sharded forward is a collective: a rank that stopped
+        early would leave the others waiting). The first eval batch stands in."""
+        n = len(self.eval_set)
+        most = len(eval_batches(n, self.eval_batch_size, self.dist.world_size, 0))
+        mine = len(eval_batches(n, self.eval_batch_size, self.dist.world_size, self.dist.rank))
+        first = eval_batches(n, self.eval_batch_size)[:1]
+        return [self.collate([self.eval_set[i] for i in first[0]]) for _ in range(most - mine)] if first else []
+
 
 def response_tokens(batch) -> int:
     """Student response tokens of a collated batch: the normaliser of every loss term."""

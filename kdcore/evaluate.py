@@ -310,10 +310,11 @@ class RunEvaluation:
     ``eval.greedy`` (one pass instead of one per seed).
     """
 
-    def __init__(self, config, parts, module, data, dist, device, autocast_dtype=None):
+    def __init__(self, config, parts, module, data, dist, device, autocast_dtype=None, lockstep: bool = False):
         self.cfg, self.kd_weight, self.task = config.eval, config.objective.kd_weight, parts.task
         self.parts, self.module, self.data = parts, module, data
         self.dist, self.device, self.autocast_dtype = dist, device, autocast_dtype
+        self.lockstep = lockstep  # every rank runs as many forwards (a sharded module's forward is collective)
 
     def terms(self) -> Dict[str, float]:
         """Every term's mean over the eval split (all ranks), plus the dev ROUGE-L when asked.
@@ -334,6 +335,8 @@ class RunEvaluation:
             for mb in self.data.eval_batches():
                 tokens += response_tokens(mb)
                 forward_into(self.module, mb, response_tokens(mb), sums, self.device, self.autocast_dtype)
+            for mb in self.data.eval_padding() if self.lockstep else []:  # results discarded
+                forward_into(self.module, mb, response_tokens(mb), MetricSums(), self.device, self.autocast_dtype)
         n = float(all_reduce_sum(torch.tensor([float(tokens)], device=self.device), self.dist).item())
         metrics = {**with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.kd_weight), "tokens": max(n, 1.0)}
         if self.cfg.generate:

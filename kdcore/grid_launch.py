@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Dict, List, Tuple
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 from .config import dump, read_yaml
 from .errors import ConfigError
@@ -42,8 +42,14 @@ def train_command(grid: Grid, run: Run, state: str) -> List[str]:
     return [sys.executable, "-m", "kdcore.cli", "--config", str(grid.base), *launch_overrides(run, state)]
 
 
-def torchrun_command(grid: Grid, run: Run, state: str, nproc: int) -> List[str]:
-    return ["torchrun", "--nproc_per_node", str(nproc), "-m", "kdcore.cli", "--config", str(grid.base),
+def torchrun_command(grid: Grid, run: Run, state: str, nproc: int, nnodes: int = 1,
+                     rdzv_endpoint: Optional[str] = None) -> List[str]:
+    """``torchrun`` for one run: ``nproc`` processes here, or on each of ``nnodes`` nodes that meet
+    at ``rdzv_endpoint`` (``HOST:PORT``, c10d rendezvous; the run's id names the rendezvous, so
+    the same line started on every node forms one job)."""
+    nodes = [] if nnodes == 1 else ["--nnodes", str(nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                                    str(rdzv_endpoint), "--rdzv_id", run.id]
+    return ["torchrun", *nodes, "--nproc_per_node", str(nproc), "-m", "kdcore.cli", "--config", str(grid.base),
             *launch_overrides(run, state)]
 
 
@@ -77,15 +83,18 @@ def changed_since(run: Run) -> bool:
     return old != new
 
 
-def emit_commands(grid: Grid, runs: List[Run], nproc: int) -> int:
-    """Print one torchrun command per unfinished run (stdout); notes go to stderr."""
+def emit_commands(grid: Grid, runs: List[Run], nproc: int, nnodes: int = 1, rdzv_endpoint: Optional[str] = None) -> int:
+    """Print one torchrun command per unfinished run (stdout); notes go to stderr. Multi-node
+    (``nnodes`` > 1): start each line on every node (e.g. ``srun``, tools/slurm_example.sh)."""
+    if nnodes > 1 and not rdzv_endpoint:
+        raise ConfigError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the node every process meets at)")
     for run in runs:
         state = run_state(run)
         if state == "finished":
             print(f"# skip {run.name}: finished", file=sys.stderr)
             continue
         prepare(grid, run, state, "emit")
-        print(shlex.join(torchrun_command(grid, run, state, nproc)), flush=True)
+        print(shlex.join(torchrun_command(grid, run, state, nproc, nnodes, rdzv_endpoint)), flush=True)
     return 0
 
 

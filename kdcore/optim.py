@@ -59,11 +59,37 @@ def build_optimizer(module: torch.nn.Module, train, total_steps: int) -> Tuple[t
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
+def total_grad_norm(params) -> torch.Tensor:
+    """``‖g‖₂`` over the gradients of ``params``, the same value on every rank. Sharded (DTensor)
+    gradients give ``sqrt(Σ_ranks Σ_shards ‖g_shard‖²)`` (one all-reduce) as a replicated
+    DTensor; returned as a plain 0-d tensor either way."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def clip_grads(params, clip: float, norm: torch.Tensor) -> None:
+    """Scale the gradients by ``min(1, clip / (norm + 1e-6))`` (``clip`` 0 = off): one factor for
+    all of them, so sharded and replicated gradients are clipped alike."""
+    if clip <= 0:
+        return
+    factor = float(torch.clamp(clip / (norm + 1e-6), max=1.0))
+    if factor < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+
 def optimizer_step(params, optimizer, scheduler, clip: float, skip=None) -> float:
     """Clip the global gradient norm (``clip`` 0 = off), step, advance the schedule, zero the
     gradients; returns the norm before clipping. ``skip(norm) -> bool`` may veto the update
     (a non-finite step): then neither the weights, the optimizer state nor the schedule move."""
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    params = list(params)
+    norm = total_grad_norm(params)
+    if torch.isfinite(norm):
+        clip_grads(params, clip, norm)
     if skip is None or not skip(float(norm)):
         optimizer.step()
         scheduler.step()

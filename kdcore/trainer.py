@@ -11,7 +11,6 @@ elsewhere: the objective in :mod:`kdcore.distill`, data order in :mod:`kdcore.da
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -26,13 +25,14 @@ from .checkpoint import Checkpoints, check_output_dir, latest
 from .config import Config
 from .data import RunData, response_tokens
 from .distill import LOSS, DistillModule, forward_into, with_loss
-from .distributed import DistInfo, all_reduce_sum, autocast_dtype, wrap_ddp
+from .distributed import DistInfo, all_reduce_sum, autocast_dtype
 from .errors import DataError
 from .evaluate import RunEvaluation
 from .guard import StepGuard
 from .hooks import RunContext, RunHooks
 from .metrics import MetricLog, MetricSums, merge
 from .optim import build_optimizer, optimizer_step
+from .sharding import strategy_for
 from .telemetry import Throughput
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,21 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.out, self.device = check_output_dir(config.run.output_dir, create=True), dist_info.device
-        self.checkpoints = Checkpoints(self.out, dist_info, t.keep_last, config.eval.select_by)
+        self.amp = autocast_dtype(t.precision, self.device)
+        self.sharding = strategy_for(t.strategy, dist_info, self.amp)  # ddp replicas or fsdp shards
+        self.checkpoints = Checkpoints(self.out, dist_info, t.keep_last, config.eval.select_by,
+                                       self.sharding.checkpoint_format)
         self.checkpoints.refuse_existing(t.resume)
         seed_everything(config.run.seed + dist_info.rank)
         self.parts = p = components or build_components(config, load_weights=True)
-        self.module = DistillModule.for_run(p, config.objective, self.device)
-        self.model = wrap_ddp(self.module, dist_info)
+        self.module = DistillModule.for_run(p, config.objective, self.sharding.build_device)
+        self.model = self.sharding.wrap(self.module, p)
         self.data = RunData(p.task, p, t, config.eval, config.uses_teacher, dist_info, config.run.seed)
         self.total_steps = self.data.total_steps(t.max_steps, t.epochs)
         self.optimizer, self.scheduler = build_optimizer(self.module, t, self.total_steps)
         self.cadence = Cadence(t, self.data.plan().steps_per_epoch, self.total_steps)
-        self.amp = autocast_dtype(t.precision, self.device)
-        self.evaluation = RunEvaluation(config, p, self.module, self.data, dist_info, self.device, self.amp)
+        self.evaluation = RunEvaluation(config, p, self.module, self.data, dist_info, self.device, self.amp,
+                                        lockstep=self.sharding.lockstep)
         self.throughput = Throughput(self.device, self.amp, t.peak_flops)
         self.timer = self.module.timer = self.throughput.timer
         self.step, self.run, self.log, self.hooks = 0, RunContext(self), None, None
@@ -136,8 +139,7 @@ class Trainer:
                             "raise task.max_length or lower task.max_prompt_length")
         sums = MetricSums()
         for i, (mb, tokens) in enumerate(zip(micro_batches, counts)):
-            last = i == len(micro_batches) - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if last else self.model.no_sync():  # DDP syncs once per step
+            with self.sharding.no_sync(self.model, last=i == len(micro_batches) - 1):
                 loss = forward_into(self.model, mb, tokens, sums, self.device, self.amp)
                 with self.timer.section("backward"):
                     (loss * (self.dist.world_size / n_global)).backward()
@@ -218,7 +220,15 @@ class Trainer:
 
     def export_best(self) -> None:
         p = self.parts
-        self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False)
+        self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False,
+                                gather=self._gather_student())
+
+    def _gather_student(self):
+        """Under fsdp: a callable that gathers the sharded student into a plain copy on rank 0."""
+        from .models import load_model
+
+        rebuild = lambda: self.parts.tuner.apply(load_model(self.cfg.student))
+        return self.sharding.gatherer(self.parts.student_model, rebuild)
 
     def maybe_resume(self) -> bool:
         """Restore the newest valid checkpoint when ``train.resume``; whether one was restored."""
@@ -246,7 +256,8 @@ class Trainer:
         """Test-split ROUGE-L after training, ``final/`` (loadable by plain transformers), hooks."""
         self._log_test_rouge("after")
         p = self.parts
-        self.checkpoints.export("final", p.tuner, p.student_model, p.student_tokenizer, final=True)
+        self.checkpoints.export("final", p.tuner, p.student_model, p.student_tokenizer, final=True,
+                                gather=self._gather_student())
         summary = self.throughput.summary(print_table=self.dist.is_main)
         merge(summary, self.hooks.call("kdcore_run_end", metrics=dict(last_eval)), "kdcore_run_end")
         self.log.log("summary", self.step, summary)

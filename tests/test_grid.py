@@ -435,3 +435,20 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
         assert cli.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("grid: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_emit_commands_multi_node(tiny_grid, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grid_launch, "_popen", no_launch)
+    path = tiny_grid()
+    assert cli.main([str(path), "--emit-commands", "--nnodes", "2"]) == 2  # no rendezvous endpoint
+    assert "--rdzv-endpoint" in capsys.readouterr().err
+    assert cli.main([str(path), "--emit-commands", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-endpoint",
+                     "node01:29500", "--set", "train.strategy=fsdp"]) == 0
+    commands = [shlex.split(c) for c in capsys.readouterr().out.strip().splitlines()]
+    manifest = [json.loads(ln) for ln in (tmp_path / "grid-out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(commands) == 3
+    for argv, record in zip(commands, manifest):
+        assert argv[:12] == ["torchrun", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "node01:29500",
+                             "--rdzv_id", record["id"], "--nproc_per_node", "8", "-m"]
+        assert "train.strategy=fsdp" in argv
+    assert len({argv[8] for argv in commands}) == 3  # one rendezvous per run

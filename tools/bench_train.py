@@ -14,13 +14,19 @@ comparable across configs and machines.
 
 ``--random-weights`` builds both models from their configs with random weights instead of
 loading them, so large pairs can be timed without downloading anything: ``--teacher-shape`` /
-``--student-shape`` name a shape under ``tools/model_shapes/`` (gpt2, gpt2-xl, qwen1.5-1.8b,
+``--student-shape`` name a shape under ``tools/model_shapes/`` (gpt2, gpt2-medium, gpt2-xl, qwen1.5-1.8b,
 llama2-7b, tinyllama-1.1b, smollm2-135m) or a ``config.json``; without them the config's own
 model configs are read (local or cached). Random weights have no tokenizers, so components that
 need them (aligner ``mined``, ``init: pinv``) need the real models.
 
 Memory: the peak over the timed steps: CUDA ``max_memory_allocated``; CPU the process's peak
-resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``).
+resident set (``VmHWM`` after resetting it through ``/proc/self/clear_refs``); ``state MiB`` is
+the bytes this rank holds in parameters (student, projector, aligner, teacher), gradients and
+optimizer state, counted from the tensors (a sharded tensor counts its local shard).
+
+Under torchrun (``torchrun --nproc_per_node 2 tools/bench_train.py CONFIG train.strategy=fsdp
+...``) every rank runs the steps (the same synthetic batches) and rank 0 prints the per-rank
+peaks and states: the memory of ``train.strategy: ddp`` against ``fsdp``.
 """
 
 from __future__ import annotations
@@ -174,16 +180,18 @@ def parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     from kdcore.assemble import build_components
     from kdcore.config import load_config
-    from kdcore.distributed import DistInfo
+    from kdcore.distributed import DistInfo, init_distributed
     from kdcore.trainer import Trainer
 
     device = torch.device(args.device)
+    info = init_distributed() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else DistInfo(device=device)
     out = tempfile.mkdtemp(prefix="bench_train-")
     overrides = [*args.overrides, f"run.output_dir={out}", "train.max_steps=1000000",
                  f"train.micro_batch_size={args.micro_batch_size}"]
     cfg = load_config(args.config, overrides)
     parts = random_components(cfg, args, device) if args.random_weights else build_components(cfg)
-    trainer = Trainer(cfg, DistInfo(device=device), components=parts)
+    trainer = Trainer(cfg, info, components=parts)
+    load_peak = peak_mib(device)  # building both whole models, and sharding them
     trainer.throughput.start()
     generator = torch.Generator().manual_seed(0)
     seconds, records = [], []
@@ -203,7 +211,36 @@ def run(args) -> dict:
         if step >= args.warmup:
             seconds.append(elapsed)
             records.append(record)
-    return summarise(args, cfg, trainer, seconds, records, peak_mib(device))
+    row = summarise(args, cfg, trainer, seconds, records, peak_mib(device))
+    row.update(strategy=cfg.train.strategy, world_size=info.world_size, load_peak_mib=load_peak,
+               state_mib=state_bytes(trainer) / 2**20)
+    if info.enabled:
+        import torch.distributed as dist
+
+        rows = [None] * info.world_size
+        dist.all_gather_object(rows, {k: row[k] for k in ("peak_mib", "load_peak_mib", "state_mib")})
+        row.update({f"{k}_per_rank": [r[k] for r in rows] for k in rows[0]}, peak_mib=max(r["peak_mib"] for r in rows))
+    return row
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def state_bytes(trainer) -> int:
+    """This rank's parameters (student side and teacher), gradients and optimizer state."""
+    tensors = [*trainer.module.parameters(), *[p.grad for p in trainer.module.parameters() if p.grad is not None]]
+    if trainer.parts.teacher_model is not None:
+        tensors += list(trainer.parts.teacher_model.parameters())
+    tensors += [v for state in trainer.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    seen, total = set(), 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.data_ptr() not in seen:  # tied weights once
+            seen.add(local.data_ptr())
+            total += local_bytes(t)
+    return total
 
 
 def summarise(args, cfg, trainer, seconds, records, peak) -> dict:
@@ -242,12 +279,25 @@ def main(argv=None) -> int:
 
     def body() -> int:
         row = run(args)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
         print(table(row))
+        if "peak_mib_per_rank" in row:
+            print(f"strategy {row['strategy']} on {row['world_size']} processes: per rank peak MiB "
+                  f"{', '.join(f'{v:,.0f}' for v in row['peak_mib_per_rank'])}; load peak MiB "
+                  f"{', '.join(f'{v:,.0f}' for v in row['load_peak_mib_per_rank'])}; parameters + gradients + "
+                  f"optimizer state MiB {', '.join(f'{v:,.0f}' for v in row['state_mib_per_rank'])}")
         if args.json:
             Path(args.json).write_text(json.dumps(row, indent=2))
         return 0
 
-    return run_command("bench_train", body)
+    try:
+        return run_command("bench_train", body)
+    finally:
+        from kdcore.distributed import shutdown
+
+        shutdown()
+
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python tools/grid.py GRID.yaml --local                   # run them one after another
     python tools/grid.py GRID.yaml --parallel N              # N at a time (one GPU each, or N CPU processes)
     python tools/grid.py GRID.yaml --emit-commands [--nproc-per-node K]   # one torchrun line per run
+        [--nnodes N --rdzv-endpoint HOST:PORT]                             # ... on N nodes (run each line on every node)
     python tools/grid.py GRID.yaml --report [--metric eval_ce]           # CSV, Markdown, PNG, TB hparams
     ... [--set key.sub=value ...] [--output-root DIR]
 
@@ -37,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
                    help="an override applied to every run (repeatable), after the grid's own overrides")
     p.add_argument("--output-root", help="directory of the runs (default: the grid's output_root or runs/grids/<grid stem>)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes per run in --emit-commands (default 1)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes per run in --emit-commands (default 1; > 1 needs "
+                   "--rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous of multi-node --emit-commands")
     p.add_argument("--metric", default="eval_ce", help="the metric of report.png (default eval_ce; e.g. eval_loss, rouge_l)")
     p.add_argument("--eval-results", default=DEFAULT_EVAL_RESULTS, help=f"kd-eval results file inside each run directory (default {DEFAULT_EVAL_RESULTS})")
     return p
@@ -50,6 +54,10 @@ def run_cli(args) -> int:
         raise GridError("--parallel N: N must be >= 1")
     if args.nproc_per_node < 1:
         raise GridError("--nproc-per-node: must be >= 1")
+    if args.nnodes < 1:
+        raise GridError("--nnodes: must be >= 1")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise GridError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the node every process meets at)")
     grid = load_grid(args.grid, output_root=args.output_root)
     runs = expand(grid, args.extra)
     status = 0
@@ -60,7 +68,7 @@ def run_cli(args) -> int:
     if args.dry_run:
         print(runs_table(grid, runs))
     elif args.emit_commands:
-        status = emit_commands(grid, runs, args.nproc_per_node)
+        status = emit_commands(grid, runs, args.nproc_per_node, args.nnodes, args.rdzv_endpoint)
     elif args.local or args.parallel is not None:
         status = run_all(grid, runs, parallel=args.parallel or 0)
     if args.report:
