@@ -173,3 +173,37 @@ def test_s2ft_trains_on_the_tiny_pair(config, repo_like_cwd, monkeypatch, tmp_pa
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # a plain transformers model
+
+
+def test_two_process_ddp_matches_single_process_with_grad_accum(make_config, tmp_path):
+    """DDP (2 gloo ranks × 1 micro-batch) and one process (2 accumulated micro-batches) give the
+    same block gradients and the same weights after the step."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = make_config({"student": {"tuner": {"name": "s2ft", "o": 0.25, "down": 0.1, "v": 1}}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    worker = Path(__file__).resolve().parent / "ddp_worker.py"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(path), str(tmp_path / "ddp.pt"),
+                               "train.micro_batch_size=2", "train.grad_accum=1"],
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": ""},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    single = Trainer(load_config(path, ["train.micro_batch_size=2", "train.grad_accum=2"]), DistInfo())
+    single.accumulate(single.data.micro_batches(0))
+    grads = {n: p.grad.detach().clone() for n, p in single.module.named_parameters() if p.grad is not None}
+    assert grads and all(n.endswith("s2ft_block") for n in grads) and set(grads) == set(ddp["grads"])
+    single.optimizer_step()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ddp["grads"][n], rtol=1e-4, atol=1e-6)
+    for n, p in single.module.named_parameters():
+        torch.testing.assert_close(p.detach(), ddp["params"][n], rtol=1e-4, atol=1e-5)
