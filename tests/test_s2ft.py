@@ -207,3 +207,36 @@ def test_two_process_ddp_matches_single_process_with_grad_accum(make_config, tmp
         torch.testing.assert_close(g, ddp["grads"][n], rtol=1e-4, atol=1e-6)
     for n, p in single.module.named_parameters():
         torch.testing.assert_close(p.detach(), ddp["params"][n], rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_tool_fuses_and_unfuses(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    base = tiny("llama")
+    base.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(base)
+    tuner = S2FT(o=2, down=4, seed=5)
+    tuner.apply(model)
+    with torch.no_grad():
+        for b in model.s2ft_plan.blocks:
+            model.get_submodule(b.name).s2ft_block.add_(0.5)
+    tuner.save_student(model, tmp_path / "final", final=True)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "s2ft_adapter.py"
+    for action, src, out in (("fuse", "base", "fused"), ("unfuse", "fused", "back")):
+        proc = subprocess.run([sys.executable, str(tool), action, "--base", str(tmp_path / src), "--adapter",
+                               str(tmp_path / "final" / "adapter"), "--out", str(tmp_path / out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    fused = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").state_dict()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(fused[k], final[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(back[k], v, rtol=0, atol=1e-6)
+    proc = subprocess.run([sys.executable, str(tool), "fuse", "--base", str(tmp_path / "base"), "--adapter",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "cannot be read" in proc.stderr
