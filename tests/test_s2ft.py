@@ -240,3 +240,22 @@ def test_adapter_tool_fuses_and_unfuses(tmp_path):
     proc = subprocess.run([sys.executable, str(tool), "fuse", "--base", str(tmp_path / "base"), "--adapter",
                            str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "cannot be read" in proc.stderr
+
+
+def test_activation_selection_gets_calibration_from_the_engine(make_config, tmp_path):
+    """The engine passes calibration batches (a seeded train sample) to tuners that use them;
+    the selection is deterministic, and a checkpoint of another selection is refused on resume."""
+    tuner = {"name": "s2ft", "o": 2, "down": 0.1, "strategy": "activation", "order": "smallest",
+             "calibration_examples": 6}
+    path = make_config({"student": {"tuner": tuner}})
+    a = Trainer(load_config(path), DistInfo())
+    b = Trainer(load_config(path, [f"run.output_dir={tmp_path / 'other'}"]), DistInfo())
+    assert a.parts.tuner.plan.selection == b.parts.tuner.plan.selection
+    assert sum(map(len, a.parts.tuner.plan.selection["down"])) == int(0.1 * 2 * 64)
+    a.train()
+    from kdcore.errors import CheckpointError
+
+    c = Trainer(load_config(path, ["train.resume=true", "train.resume_allow_changes=true",
+                                   "student.tuner.selection_seed=7", "student.tuner.strategy=random"]), DistInfo())
+    with pytest.raises(CheckpointError, match="another S2FT selection"):
+        c.train()
