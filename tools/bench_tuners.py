@@ -55,11 +55,11 @@ def main(argv=None) -> int:
         row["tuner"] = name
         rows.append(row)
         print(json.dumps(row), flush=True)
-    keys = ["step_s", "tokens_per_s", "peak_mib"]
+    keys = ["s/step", "tokens/s", "peak MiB"]
     print("| tuner | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for r in rows:
-        print(f"| {r['tuner']} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+        print(f"| {r['tuner']} | {r['step_s']:.3f} | {r['tokens_per_s']:.1f} | {r['peak_mib']:,.0f} |")
     return 0
 
 
