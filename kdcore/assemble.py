@@ -98,7 +98,8 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
     build_kinds(cfg.components, context, only=("task",))["task"].check()
     build_kinds(cfg.components, context, only=BEFORE_MODELS)
     student_tok = load_tokenizer(cfg.student, build_cache=load_weights)
-    student_model = context["tuner"].apply(load_model(cfg.student)) if load_weights else None
+    student_model = apply_tuner(context["tuner"], load_model(cfg.student), context["task"], student_tok,
+                                cfg) if load_weights else None
     context.update(side_context("student", student_tok, student_model,
                                 None if load_weights else load_model_config(cfg.student)))
     teacher_tok = teacher_model = None
@@ -116,6 +117,19 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
         check_pair(built["criterion"], built["projector"], built["aligner"], student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
     return Components(built, student_tok, teacher_tok, student_model, teacher_model, shared)
+
+
+def apply_tuner(tuner, model, task, tokenizer, cfg: Config):
+    """``tuner.apply(model)``; tuners that select on activations also get ``calibration``
+    (:meth:`kdcore.tuner.Tuner.apply`): batches of a seeded sample of the train split."""
+    if not getattr(tuner, "uses_calibration", False):
+        return tuner.apply(model)
+    from .data import calibration_batches
+
+    def calibration(n=None):
+        return calibration_batches(task, tokenizer, n, cfg.train.micro_batch_size, cfg.run.seed)
+
+    return tuner.apply(model, calibration=calibration)
 
 
 def check_pair(criterion, projector, aligner, student_tok, teacher_tok, shared: bool,

@@ -258,6 +258,22 @@ class RunData:
         return [self.collate([self.eval_set[i] for i in first[0]]) for _ in range(most - mine)] if first else []
 
 
+def calibration_batches(task, tokenizer, n: Optional[int], batch_size: int, seed: int) -> Iterator[Dict]:
+    """Student batches (:func:`collate_side`) of ``n`` train examples drawn with ``seed``
+    (``None``: 1 % of the split, at least 16, at most all), ``batch_size`` per batch: the
+    calibration data of tuners that select on activations (the same on every rank)."""
+    examples = task.examples("train")
+    if n is None:
+        n = max(math.ceil(0.01 * len(examples)), 16)
+    n = min(n, len(examples))
+    picked = sorted(random.Random(seed).sample(range(len(examples)), n))
+    pad = pad_id(tokenizer)
+    for i in range(0, n, batch_size):
+        encoded = [encode_example(tokenizer, examples[j], task.max_length, task.max_prompt_length)
+                   for j in picked[i: i + batch_size]]
+        yield collate_side(encoded, pad)
+
+
 def response_tokens(batch) -> int:
     """Student response tokens of a collated batch: the normaliser of every loss term."""
     return int(batch["student"]["labels"].ne(IGNORE).sum())

@@ -9,11 +9,18 @@ from typing import ClassVar
 class Tuner:
     """Base class of tuners. ``apply(model) -> model`` wraps or freezes the student before
     training; ``export(model) -> model`` returns the plain transformers model to save as
-    ``final/`` (e.g. LoRA merged into the base weights)."""
+    ``final/`` (e.g. LoRA merged into the base weights).
+
+    A tuner whose ``uses_calibration`` is true (class or instance attribute) is applied as
+    ``apply(model, calibration=fn)``: ``fn(n)`` yields collated student batches
+    (``input_ids``, ``attention_mask``, ``labels``, CPU tensors of ``[B, L]``) of ``n`` train
+    examples (``None``: 1 % of the train split, at least 16), for selections that look at
+    activations (S2FT). Other tuners are called as ``apply(model)``."""
 
     name: ClassVar[str]
+    uses_calibration: ClassVar[bool] = False
 
-    def apply(self, model):
+    def apply(self, model, calibration=None):
         return model
 
     def export(self, model):
