@@ -7,7 +7,8 @@ Sweeps: every head's output ``z[l, h]`` at all positions (``[L, H]``) and, with 
 the residual stream entering layer ``l`` at position ``p`` (``[L, 11]``).
 
 Heads are ranked by importance ``= −mean`` of their effect over the (scheme, letter) pairs run
-(pairs that change no token, e.g. ``previous_words`` for letter 1, are skipped). The top-k
+(pairs that change no token, e.g. ``previous_words`` for letter 1, are run, have effect 0 and
+are left out of the ranking: ``noop_pairs``). The top-k
 circuit's logit difference is measured by mean-ablating every other head (§3.6).
 """
 
@@ -54,12 +55,15 @@ class ActivationPatching(AcronymProbe):
         heads: Dict[str, Dict[str, list]] = {}
         resid: Dict[str, Dict[str, list]] = {}
         corrupted_ld: Dict[str, Dict[str, float]] = {}
-        effects = []
+        effects, noops = [], []
         for scheme in self.schemes:
             for letter in self.letters:
                 partial = prompts.partially_corrupted(scheme, letter, corrupt)
-                if torch.equal(partial, prompts.tokens):
-                    continue  # the scheme changes no token for this letter: every effect is 0
+                # a pair that changes no token (previous_words for letter 1) still runs (its
+                # effects are 0) but does not rank heads
+                noop = torch.equal(partial, prompts.tokens)
+                if noop:
+                    noops.append(f"{scheme}:{letter}")
                 _, rec = sites.forward(partial, last=1, record_z=range(L), record_resid=range(L) if self.resid else ())
                 logits, _ = sites.forward(partial, last=3)
                 corrupted_ld.setdefault(scheme, {})[str(letter)] = float(
@@ -77,7 +81,8 @@ class ActivationPatching(AcronymProbe):
                 ld = self.run_variants(sites, prompts, variants, values, progress, f"{scheme} letter {letter} heads")
                 effect = (ld[:, :, letter - 1] - clean[None, :, letter - 1]).mean(1).reshape(L, H)
                 heads.setdefault(scheme, {})[str(letter)] = effect.tolist()
-                effects.append(effect)
+                if not noop:
+                    effects.append(effect)
                 if self.resid:
                     variants = []
                     for layer in range(L):
@@ -88,10 +93,7 @@ class ActivationPatching(AcronymProbe):
                     ld = self.run_variants(sites, prompts, variants, values, progress, f"{scheme} letter {letter} resid")
                     r = (ld[:, :, letter - 1] - clean[None, :, letter - 1]).mean(1).reshape(L, SEQ_LEN)
                     resid.setdefault(scheme, {})[str(letter)] = r.tolist()
-        if not effects:
-            raise ProbeError("activation_patching: every (scheme, letter) pair chosen changes no token "
-                             "(previous_words and previous_letters are no-ops for letter 1)")
-        importance = -torch.stack(effects).mean(0)  # [L, H]
+        importance = -torch.stack(effects).mean(0) if effects else torch.zeros(L, H)  # [L, H]
         order = torch.argsort(importance.flatten(), descending=True)[: self.top_k].tolist()
         top = [(i // H, i % H) for i in order]
         mean_z = self.mean_z(sites, corrupt)
@@ -102,6 +104,7 @@ class ActivationPatching(AcronymProbe):
         return {
             "probe": self.name, "model": {"layers": L, "heads": H, "head_dim": sites.head_dim},
             "prompts": prompts.stats, "examples": prompts.texts[:5], "schemes": self.schemes, "letters": self.letters,
+            "noop_pairs": noops,
             "clean_ld": stats_of(clean), "corrupted_ld": corrupted_ld, "heads": heads, "resid": resid,
             "importance": importance.tolist(),
             "top_heads": [{"head": head_name(l, h), "importance": float(importance[l, h])} for l, h in top],
