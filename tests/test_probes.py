@@ -178,3 +178,46 @@ def test_kd_probe_tokenizer_without_prompts_is_one_error(tiny_dir, tmp_path):
     r = _kd_probe("--model", str(tiny_dir / "student"), "--probe", "acronyms", "--set", f"words={words}",
                   "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "admits no acronym prompts" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_probes_run_at_each_evaluation_of_a_training_run(trained, tmp_path, monkeypatch):
+    """eval.probes: a built-in and a third-party probe run on the student at each evaluation
+    (and the built-in once on the teacher); metrics in metrics.jsonl and TensorBoard, results
+    in the run directory."""
+    import yaml
+
+    from kdcore.cli import main
+    from kdcore.registry import reset_registry
+
+    _, _, words, root = trained
+    monkeypatch.syspath_prepend(str(FIXTURES / "local_plugins"))
+    out = tmp_path / "run"
+    cfg = {"schema_version": 1, "plugins": ["kdcore_head_norm_probe"], "run": {"output_dir": str(out), "seed": 1},
+           "teacher": {"path": str(root / "model")}, "student": {"path": str(root / "model")},
+           "task": {"name": "instruction", "data_dir": str(Path(__file__).parents[1] / "data" / "kdcore-instruct"),
+                    "max_length": 64, "max_prompt_length": 48, "max_examples": 8},
+           "objective": {"kd_weight": 0.5},
+           "train": {"max_steps": 2, "micro_batch_size": 4, "lr": 1e-4, "eval_every": 1, "eval_at_start": False},
+           "eval": {"max_examples": 4, "probes": [{"name": "acronyms", "words": words, "n_prompts": 8},
+                                                  {"name": "head_norm", "words": words}]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        assert main(["--config", str(path)]) == 0
+    finally:
+        sys.modules.pop("kdcore_head_norm_probe", None)
+        reset_registry()
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["split"] == "eval"]
+    assert len(evals) >= 2 and all("probe/acronyms/ld" in r and "probe/head_norm/max_norm" in r for r in evals)
+    assert evals[0]["probe/acronyms/accuracy"] > 0.9  # the trained acronym model, barely changed
+    assert (out / "probes" / "acronyms" / "teacher.json").is_file()
+    assert not (out / "probes" / "head_norm" / "teacher.json").exists()
+    assert (out / "probes" / "head_norm" / "student-step000001.json").is_file()
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert [p["name"] for p in resolved["eval"]["probes"]] == ["acronyms", "head_norm"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert "eval/probe/acronyms/ld" in acc.Tags()["scalars"]
