@@ -5,9 +5,11 @@
     kd-probe --list
 
 A model is a hub id, a directory, ``package:NAME[/SUB]``, a GGUF file (``DIR/FILE.gguf`` or
-``package:NAME/FILE.gguf``, dequantised once and cached as kd-train does), or a kd-train run
+``package:NAME/FILE.gguf``, dequantised once and cached as kd-train does), a kd-train run
 directory (its ``final/`` model; the run's ``student.keep_layers`` gives the mapping of the
-student's layers to the teacher's). The first model is the reference of the comparison.
+student's layers to the teacher's), or ``CONFIG.yaml:teacher`` / ``CONFIG.yaml:student`` (the
+model exactly as that kd-train config loads it, e.g. the student cut by ``keep_layers`` before
+training). The first model is the reference of the comparison.
 
 Writes ``DIR/<probe>/<label>.json`` (the numbers), ``DIR/<probe>/<label>_*.png`` (heatmaps,
 curves) and ``DIR/comparison.md``; prints the comparison. Bad input exits 2 with one message.
@@ -34,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="append", default=[], metavar="NAME", help="a registered probe; repeat")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a probe parameter (YAML value) for every probe that has it, e.g. n_prompts=16")
+    p.add_argument("--config", metavar="FILE", help="a probe file: models (list), probes ({name: {param: value}}); "
+                   "--model and --probe add to it (configs/probes/)")
     p.add_argument("--out", default="runs/probe", metavar="DIR", help="output directory (runs/probe)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -46,6 +50,16 @@ def model_config(spec: str):
     from .models import ModelConfig, resolve_path
 
     keep = None
+    file, colon, side = spec.rpartition(":")
+    if colon and file.endswith((".yaml", ".yml")) and side in ("teacher", "student"):
+        from .config import read_yaml
+
+        section = read_yaml(file).get(side)
+        if not isinstance(section, dict) or "path" not in section:
+            raise ConfigError(f"{file}: no '{side}' section with a path")
+        fields = {k: v for k, v in section.items() if k in ModelConfig.__dataclass_fields__}
+        cfg = ModelConfig(**fields)
+        return cfg, cfg.keep_layers, f"{Path(file).stem}-{side}"
     path = Path(resolve_path(spec))
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "final").is_dir():
         path, spec = path / "final", str(path / "final")
@@ -79,7 +93,20 @@ def probe_kwargs(sets: List[str]) -> dict:
     return out
 
 
-def build_probes(names: List[str], sets: List[str]):
+def read_probe_file(path: str):
+    """(models, {probe name: params}) of a ``--config`` probe file."""
+    from .config import read_yaml
+
+    data = read_yaml(path, what="probe file", top_level="with models and probes")
+    models, probes = data.get("models") or [], data.get("probes") or {}
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{path}: models: expected a list of model paths")
+    if not isinstance(probes, dict) or not all(isinstance(v, dict) or v is None for v in probes.values()):
+        raise ConfigError(f"{path}: probes: expected a mapping of probe name to its parameters")
+    return models, {k: dict(v or {}) for k, v in probes.items()}
+
+
+def build_probes(names: List[str], sets: List[str], params: Optional[dict] = None):
     from .components import spec
     from .schema import fields_of
 
@@ -88,7 +115,7 @@ def build_probes(names: List[str], sets: List[str]):
     for name in names:
         s = spec("probe", {"name": name}, where=f"--probe {name}")
         fields = fields_of(s.entry.cls)
-        node = {"name": name, **{k: v for k, v in kwargs.items() if k in fields}}
+        node = {"name": name, **(params or {}).get(name, {}), **{k: v for k, v in kwargs.items() if k in fields}}
         probes.append(spec("probe", node, where=f"--probe {name}").build())
     unused = [k for k in kwargs if not any(k in fields_of(type(p)) for p in probes)]
     if unused:
@@ -103,11 +130,14 @@ def run(args) -> int:
         for name in names("probe"):
             print(name)
         return 0
+    file_models, params = read_probe_file(args.config) if args.config else ([], {})
+    args.model = file_models + args.model
+    args.probe = list(params) + [p for p in args.probe if p not in params]
     if not args.model:
         raise KdcoreError("--model PATH is required (repeat it to compare models)")
     if not args.probe:
         raise KdcoreError(f"--probe NAME is required; probes: {', '.join(names('probe'))}")
-    probes = build_probes(args.probe, args.set)
+    probes = build_probes(args.probe, args.set, params)
     from .evaluate import safe_label
     from .models import load_model, load_tokenizer
 

@@ -221,3 +221,17 @@ def test_probes_run_at_each_evaluation_of_a_training_run(trained, tmp_path, monk
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert "eval/probe/acronyms/ld" in acc.Tags()["scalars"]
+
+
+def test_shipped_probe_files_are_valid():
+    """configs/probes/*.yaml: models and probes that build (the GPT-2 one names the paper's circuit)."""
+    from kdcore.probe_cli import build_probes, read_probe_file
+
+    files = sorted((Path(__file__).parents[1] / "configs" / "probes").glob("*.yaml"))
+    assert files
+    for path in files:
+        models, params = read_probe_file(str(path))
+        probes = build_probes(list(params), [], params)
+        assert models and probes
+    models, params = read_probe_file(str(files[0]))
+    assert params["circuit_ablation"]["heads"] == ["8.11", "9.9", "10.10", "11.4", "5.8", "4.11", "2.2", "1.0"]

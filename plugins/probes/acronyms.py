@@ -275,6 +275,16 @@ class Acronyms(AcronymProbe):
                 "summary": {"ld": float(mean.mean()), **{f"ld{i + 1}": float(v) for i, v in enumerate(mean)},
                             "accuracy": float(acc.mean())}}
 
+    def compare(self, results: Dict[str, Dict[str, Any]], layer_maps: Dict[str, Optional[List[int]]]) -> str:
+        lines = ["| model | admissible words | admissible acronyms | LD letter 1 | LD letter 2 | LD letter 3 | accuracy |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for label, r in results.items():
+            st, m, sd = r["prompts"], r["ld"]["mean"], r["ld"]["std"]
+            lines.append(f"| {label} | {st['words_admissible']} of {st['words']} | {st['acronyms_admissible']} of "
+                         f"{st['acronyms_checked']} | " + " | ".join(f"{a:.2f} ± {b:.2f}" for a, b in zip(m, sd))
+                         + f" | {r['accuracy']:.2f} |")
+        return "\n".join(lines) + "\n"
+
 
 @hookimpl
 def kdcore_register_probes(register):
