@@ -235,3 +235,20 @@ def test_shipped_probe_files_are_valid():
         assert models and probes
     models, params = read_probe_file(str(files[0]))
     assert params["circuit_ablation"]["heads"] == ["8.11", "9.9", "10.10", "11.4", "5.8", "4.11", "2.2", "1.0"]
+
+
+def test_kd_probe_config_student_spec_maps_layers(trained, tmp_path):
+    """CONFIG.yaml:student loads the student as kd-train would (cut by keep_layers) and the
+    comparison maps its layers to the teacher's."""
+    import yaml
+
+    _, _, words, root = trained
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"student": {"path": str(root / "model"), "keep_layers": [1]}}))
+    out = tmp_path / "out"
+    r = _kd_probe("--model", str(root / "model"), "--model", f"{cfg}:student", "--probe", "activation_patching",
+                  "--set", f"words={words}", "--set", "n_prompts=4", "--set", "top_k=2", "--no-progress",
+                  "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "activation_patching" / "exp-student.json").read_text())["model"]["layers"] == 1
+    assert "student layer l = teacher layer 0→1" in (out / "comparison.md").read_text()
