@@ -123,7 +123,7 @@ class ActivationPatching(AcronymProbe):
         for kind, table in (("heads", result["heads"]), ("resid", result["resid"])):
             for scheme, per_letter in table.items():
                 letters = sorted(per_letter)
-                fig, axes = plt.subplots(1, len(letters), figsize=(4.2 * len(letters), 3.8), squeeze=False)
+                fig, axes = plt.subplots(1, len(letters), figsize=(max(6.5, 4.2 * len(letters)), 3.8), squeeze=False)
                 for ax, letter in zip(axes[0], letters):
                     data = torch.tensor(per_letter[letter])
                     lim = float(data.abs().max()) or 1.0
@@ -132,7 +132,7 @@ class ActivationPatching(AcronymProbe):
                     ax.set_xlabel("head" if kind == "heads" else "position")
                     ax.set_ylabel("layer")
                     fig.colorbar(im, ax=ax, shrink=0.8)
-                fig.suptitle(f"{label}: {kind} patching, {scheme} (LD patched − clean)")
+                fig.suptitle(f"{label}: {kind} patching, {scheme} (LD patched − clean)", fontsize=9)
                 fig.tight_layout()
                 path = Path(out_dir) / f"{label}_{kind}_{scheme}.png"
                 fig.savefig(path, dpi=110)
