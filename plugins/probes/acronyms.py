@@ -244,6 +244,18 @@ class AcronymProbe(Probe):
             out.append(logit_diff(logits, prompts.answers.repeat(g, 1), prompts.capitals).reshape(g, n, 3))
         return torch.cat(out) if out else torch.zeros(0, n, 3)
 
+    @staticmethod
+    def single_variants(site: str, n_layers: int, width: int) -> List[Variant]:
+        """One variant per (layer, index), in row-major order, touching only that head
+        (``site="z"``, ``width`` heads) or position (``"resid"``, ``width`` positions)."""
+        variants = []
+        for layer in range(n_layers):
+            for index in range(width):
+                row = torch.zeros(width, dtype=torch.bool)
+                row[index] = True
+                variants.append({(site, layer): row})
+        return variants
+
     def mean_z(self, sites: ModelSites, corrupt: torch.Tensor) -> Dict[int, torch.Tensor]:
         """Per-layer mean head outputs over the corrupted prompts, per position: ``[T, H, d_h]``."""
         _, rec = sites.forward(corrupt, last=1, record_z=range(sites.n_layers))

@@ -72,24 +72,14 @@ class ActivationPatching(AcronymProbe):
                 def values(site, layer, rec=rec):
                     return rec.z[layer] if site == "z" else rec.resid[layer]
 
-                variants = []
-                for layer in range(L):
-                    for head in range(H):
-                        row = torch.zeros(H, dtype=torch.bool)
-                        row[head] = True
-                        variants.append({("z", layer): row})
+                variants = self.single_variants("z", L, H)
                 ld = self.run_variants(sites, prompts, variants, values, progress, f"{scheme} letter {letter} heads")
                 effect = (ld[:, :, letter - 1] - clean[None, :, letter - 1]).mean(1).reshape(L, H)
                 heads.setdefault(scheme, {})[str(letter)] = effect.tolist()
                 if not noop:
                     effects.append(effect)
                 if self.resid:
-                    variants = []
-                    for layer in range(L):
-                        for pos in range(SEQ_LEN):
-                            row = torch.zeros(SEQ_LEN, dtype=torch.bool)
-                            row[pos] = True
-                            variants.append({("resid", layer): row})
+                    variants = self.single_variants("resid", L, SEQ_LEN)
                     ld = self.run_variants(sites, prompts, variants, values, progress, f"{scheme} letter {letter} resid")
                     r = (ld[:, :, letter - 1] - clean[None, :, letter - 1]).mean(1).reshape(L, SEQ_LEN)
                     resid.setdefault(scheme, {})[str(letter)] = r.tolist()

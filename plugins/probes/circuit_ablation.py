@@ -53,13 +53,7 @@ class CircuitAblation(AcronymProbe):
         if self.heads:
             order = parse_heads(self.heads, L, H, where=f"probe {self.name}: heads")
         else:
-            singles = []
-            for layer in range(L):
-                for head in range(H):
-                    row = torch.zeros(H, dtype=torch.bool)
-                    row[head] = True
-                    singles.append({("z", layer): row})
-            ld = self.run_variants(sites, prompts, singles, values, progress, "single-head ablation")
+            ld = self.run_variants(sites, prompts, self.single_variants("z", L, H), values, progress, "single-head ablation")
             damage = (clean.mean() - ld.mean((1, 2))).reshape(L, H)
             ranked = torch.argsort(damage.flatten(), descending=True)[: self.max_heads].tolist()
             order = [(i // H, i % H) for i in ranked]
