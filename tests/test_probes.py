@@ -252,3 +252,26 @@ def test_kd_probe_config_student_spec_maps_layers(trained, tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "activation_patching" / "exp-student.json").read_text())["model"]["layers"] == 1
     assert "student layer l = teacher layer 0→1" in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_head_sites_match_weight_surgery(tmp_path, arch):
+    """GPT-2 (Conv1D attn.c_proj, weight [in, out]) and Llama (Linear o_proj, weight [out, in]):
+    zeroing one head's z equals zeroing that head's inputs in the projection weight."""
+    from kdcore.tiny import tiny_causal_lm
+
+    tok = acronym_tokenizer(tmp_path / "tok")
+    model = tiny_causal_lm(tok, None, arch=arch, hidden=32, layers=2, heads=4, seed=5).eval()
+    p = build_prompts(tok, n=4, words=str(words_file(tmp_path / "w.txt")))
+    sites = ModelSites(model)
+    assert (sites.n_layers, sites.n_heads, sites.head_dim) == (2, 4, 8)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, 2] = True
+    patched, _ = sites.forward(p.tokens, [Edit("z", 1, torch.zeros(11, 4, 8), mask)], last=3)
+    with torch.no_grad():
+        if arch == "gpt2":
+            model.transformer.h[1].attn.c_proj.weight[16:24] = 0  # Conv1D weight [in, out]: head 2's inputs
+        else:
+            model.model.layers[1].self_attn.o_proj.weight[:, 16:24] = 0
+        expected = model(input_ids=p.tokens).logits[:, -3:].float()
+    torch.testing.assert_close(patched, expected, rtol=0, atol=1e-5)
