@@ -60,6 +60,13 @@ def kdcore_register_tuners(register):
     train (``full``, ``lora``, ...)."""
 
 
+@hookspec
+def kdcore_register_probes(register):
+    """Register circuit probes (subclasses of :class:`kdcore.probe.Probe`): measurements of a
+    model's internals (activation patching, circuit ablation, ...) that ``kd-probe`` runs on any
+    model and a training run runs at each evaluation (``eval.probes``)."""
+
+
 # ------------------------------------------------------------------------- lifecycle hooks
 
 @hookspec

@@ -6,7 +6,7 @@ the tiny pair, linked where they expect it (runs/tiny-pair). The research config
 DSKD/MiniLLM Dolly files (data/dolly/, downloaded separately): when those are absent, the
 config must fail on exactly that, and is then validated with the committed instruction set
 in their place. Grid files (configs/grids/) are not experiment configs: tests/test_grid.py
-checks them.
+checks them; nor are kd-probe files (configs/probes/): tests/test_probes.py checks them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kdcore.config import load_config
 from kdcore.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml") if "grids" not in p.parts)
+CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml") if not {"grids", "probes"} & set(p.parts))
 
 
 def test_configs_exist():
