@@ -108,7 +108,7 @@ class CircuitAblation(AcronymProbe):
             s = r["summary"]
             # a model that does not do the task (clean LD about the all-ablated LD) has no
             # meaningful recovered fraction: the denominator is noise
-            rec = f"{s['recovered']:.2f}" if s["ld"] - s["ablated_ld"] >= 0.5 else "n/a (clean ≈ all ablated)"
+            rec = f"{s['recovered']:.2f}" if s["ld"] - s["ablated_ld"] >= 0.5 else "n/a (clean LD not above all-ablated)"
             lines.append(f"| {label} | {', '.join(r['order'])} | {s['ld']:.2f} | {s['ablated_ld']:.2f} | "
                          f"{s['circuit_ld']:.2f} | {s['circuit_removed_ld']:.2f} | {rec} |")
         return "\n".join(lines) + "\n"
