@@ -171,9 +171,18 @@ def _settings_record(cfg, tokenizer, settings: CacheSettings, split_keys: Dict[s
 SETTINGS_KEYS = ("teacher", "tokenizer", "splits", "k", "temperatures", "dtype", "shard_size", "precision")
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any], keys=SETTINGS_KEYS) -> List[str]:
-    return [f"{key}: cache has {json.dumps(old.get(key))}, now {json.dumps(new.get(key))}"
-            for key in keys if old.get(key) != new.get(key)]
+def _plan(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings that define a build (the counts a finished build adds are left out)."""
+    out = {key: record.get(key) for key in SETTINGS_KEYS}
+    out["splits"] = {s: {f: v.get(f) for f in ("examples", "data_hash", "shards")}
+                     for s, v in (record.get("splits") or {}).items()}
+    return out
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+    old, new = _plan(old), _plan(new)
+    return [f"{key}: cache has {json.dumps(old[key])}, now {json.dumps(new[key])}"
+            for key in SETTINGS_KEYS if old[key] != new[key]]
 
 
 def teacher_top_k(model, side: Dict[str, torch.Tensor], k: int, temperatures: Sequence[float], chunk_rows: int,
@@ -314,7 +323,9 @@ def _finish_manifest(out: Path, record: Dict[str, Any]) -> None:
             with safe_open(str(shard), framework="pt") as f:
                 tokens += f.get_slice("ids").get_shape()[0]
         info.update(tokens=tokens, bytes=size, bytes_per_token=round(size / max(tokens, 1), 2))
-    (out / MANIFEST).write_text(json.dumps({**record, "complete": True}, indent=2))
+        with safe_open(str(out / _shard_name(split, 0)), framework="pt") as f:
+            stored_k = f.get_slice("ids").get_shape()[1]  # min(k, V)
+    (out / MANIFEST).write_text(json.dumps({**record, "stored_k": stored_k, "complete": True}, indent=2))
 
 
 # -- reading a cache ---------------------------------------------------------------------------
@@ -372,8 +383,9 @@ class CachedTopK(Criterion):
     def per_token(self, student_logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         ids, log_t, tail_t = unpack(packed)
         log_s = torch.log_softmax(student_logits.float() / self.temperature, dim=-1)
-        v_s = log_s.shape[-1]
-        valid = torch.isfinite(log_t) & (ids < v_s)
+        valid = torch.isfinite(log_t)
+        if not self.sorted:  # ids index the student vocabulary (ULD compares sorted values: ids unused)
+            valid &= ids < log_s.shape[-1]
         neg_inf = torch.full((), float("-inf"), device=log_s.device)
         log_t = torch.where(valid, log_t, neg_inf)
         norm = torch.logsumexp(torch.cat([log_t, tail_t[:, None]], -1), -1, keepdim=True)
@@ -408,7 +420,8 @@ class TeacherCache:
         if not self.manifest.get("complete"):
             raise ConfigError(f"teacher.cache: {self.root} is incomplete (an interrupted kd-cache); run the same "
                               "kd-cache command again to finish it")
-        self.k_stored, self.temperatures = self.manifest["k"], [float(t) for t in self.manifest["temperatures"]]
+        self.k_stored = int(self.manifest.get("stored_k", self.manifest["k"]))
+        self.temperatures = [float(t) for t in self.manifest["temperatures"]]
         self.k = self.k_stored
         self.temperature_index = 0
         self._index: Optional[Dict[bytes, Tuple[str, int]]] = None
@@ -578,6 +591,7 @@ def cached_model_config(model_cfg):
     """The teacher's HF config as the cache stored it (no teacher directory needed)."""
     from transformers import AutoConfig
 
+    read_manifest(model_cfg.cache)
     path = Path(model_cfg.cache) / "teacher_config"
     if not path.is_dir():
         raise ConfigError(f"teacher.cache: {path} is missing (an interrupted kd-cache); run kd-cache again")
