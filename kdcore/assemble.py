@@ -15,6 +15,7 @@ from .errors import ConfigError, ModelError, ModelUnavailable
 from .kinds import kinds
 from .models import freeze, load_model, load_model_config, load_tokenizer, same_tokenizer
 from .registry import get_registry
+from .teacher_cache import cached_model_config, open_checked
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Components:
     student_model: Any = None
     teacher_model: Any = None
     shared_tokenizer: bool = True
+    teacher_cache: Any = None  # a kdcore.teacher_cache.TeacherCache when teacher.cache is set
 
     def __getattr__(self, name: str):
         by_kind = self.__dict__.get("by_kind") or {}
@@ -107,16 +109,20 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
     if cfg.uses_teacher:
         teacher_tok = load_tokenizer(cfg.teacher, build_cache=load_weights)
         shared = same_tokenizer(student_tok, teacher_tok)
-        if load_weights:
+        cached = cfg.teacher.cache is not None  # kdcore.teacher_cache: no teacher weights
+        if load_weights and not cached:
             teacher_model = load_model(cfg.teacher)
             freeze(teacher_model)
-        context.update(side_context("teacher", teacher_tok, teacher_model,
-                                    None if load_weights else load_model_config(cfg.teacher)))
+        hf_config = None if teacher_model is not None else (
+            cached_model_config(cfg.teacher) if cached else load_model_config(cfg.teacher))
+        context.update(side_context("teacher", teacher_tok, teacher_model, hf_config))
     built = build_kinds(cfg.components, context)
+    cache = None
     if cfg.uses_teacher:
         check_pair(built["criterion"], built["projector"], built["aligner"], student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
-    return Components(built, student_tok, teacher_tok, student_model, teacher_model, shared)
+        cache = open_checked(cfg, built, teacher_tok) if cfg.teacher.cache is not None else None
+    return Components(built, student_tok, teacher_tok, student_model, teacher_model, shared, cache)
 
 
 def apply_tuner(tuner, model, task, tokenizer, cfg: Config):

@@ -379,6 +379,10 @@ def _model_section(raw: Dict[str, Any], name: str) -> Optional[ModelConfig]:
         node = {"path": node}
     if not isinstance(node, dict):
         raise ConfigError(f"{name}: expected a mapping with 'path' (or a path string)")
+    if node.get("cache") is not None or node.get("cache_k") is not None:
+        from .teacher_cache import model_section
+
+        node = model_section(name, node)  # teacher: {cache: DIR}: the path and tokenizer from the cache
     return check_section(ModelConfig, node, name)
 
 

@@ -96,6 +96,7 @@ class DistillModule(nn.Module):
         self.student, self.projector, self.aligner = student, projector, aligner
         self.criterion, self.kd_weight, self.chunk_size = criterion, kd_weight, chunk_size
         self._teacher = [teacher]  # a list so it is not registered as a submodule (no DDP, no checkpoint)
+        self.teacher_cache = None  # a TeacherCache replaces the teacher forward (kdcore.teacher_cache)
         self.timer, self.last_flops = NullTimer(), 0.0
         self.fused = True  # gradients in the forward pass (kdcore.fused); False: checkpointed autograd
         self._shapes = {}
@@ -111,6 +112,7 @@ class DistillModule(nn.Module):
         module = cls(parts.student_model, parts.projector, parts.aligner, parts.criterion, objective_cfg.kd_weight,
                      objective_cfg.chunk_size, parts.teacher_model).to(device)
         module.fused = objective_cfg.fused
+        module.teacher_cache = parts.teacher_cache
         return module
 
     @property
@@ -141,15 +143,20 @@ class DistillModule(nn.Module):
         flops = backbone_flops(self._shape(self.student), s_batch["attention_mask"], training)
         terms: Dict[str, torch.Tensor] = {}
         counts: Dict[str, Tuple[torch.Tensor, int]] = {}
-        if self.kd_weight > 0 and self.teacher is not None:
-            with self.timer.section("teacher_forward"), torch.no_grad():
-                h_t = last_hidden(self.teacher, batch["teacher"])
-            flops += backbone_flops(self._shape(self.teacher), batch["teacher"]["attention_mask"], training=False)
-            teacher = self.side(self.teacher, batch["teacher"], h_t)
-            teacher.head = teacher.head.detached()
+        if self.kd_weight > 0 and (self.teacher is not None or self.teacher_cache is not None):
+            if self.teacher_cache is None:
+                with self.timer.section("teacher_forward"), torch.no_grad():
+                    h_t = last_hidden(self.teacher, batch["teacher"])
+                flops += backbone_flops(self._shape(self.teacher), batch["teacher"]["attention_mask"], training=False)
+                teacher = self.side(self.teacher, batch["teacher"], h_t)
+                teacher.head = teacher.head.detached()
             with self.timer.section("kd_loss"):
-                alignment = self.aligner.align(student, teacher, batch.get("align"))
-                for space in self.projector.spaces(student, teacher, alignment, self.criterion):
+                if self.teacher_cache is not None:  # stored top-k instead of a forward (kdcore.teacher_cache)
+                    spaces = self.teacher_cache.spaces(student, batch, self.aligner, self.criterion)
+                else:
+                    spaces = self.projector.spaces(student, teacher, self.aligner.align(student, teacher, batch.get("align")),
+                                                   self.criterion)
+                for space in spaces:
                     losses, accs = evaluate_space(space, self.chunk_size, weights, self.fused)
                     flops += space_flops(space, training)
                     for key, value in losses.items():

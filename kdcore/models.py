@@ -38,6 +38,9 @@ class ModelConfig:
     dtype: weights dtype. keep_layers: for a student cut from a deeper model, the indices of
       the decoder layers to keep (in order). gradient_checkpointing: recompute activations.
     adapter: a PEFT adapter directory merged into the weights at load (an SFT'd LoRA teacher).
+    cache (teacher only): a ``kd-cache`` directory used instead of running the teacher
+      (kdcore.teacher_cache; ``path`` may then be omitted); cache_k: use the first ``cache_k``
+      of its stored top-k entries (default: all).
     The student section also takes ``tuner`` (a plugin kind: which parameters train, ``full``
     by default), validated as a component (kdcore.kinds).
     """
@@ -51,6 +54,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     adapter: Optional[str] = None
+    cache: Optional[str] = None
+    cache_k: Optional[int] = None
 
 
 def cache_root() -> Path:
