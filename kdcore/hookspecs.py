@@ -60,6 +60,12 @@ def kdcore_register_tuners(register):
     train (``full``, ``lora``, ...)."""
 
 
+@hookspec
+def kdcore_register_targets(register):
+    """Register target providers (subclasses of :class:`kdcore.targets.Targets`): which
+    response sequences each step trains on (``gold``; pseudo-targets from a model)."""
+
+
 # ------------------------------------------------------------------------- lifecycle hooks
 
 @hookspec

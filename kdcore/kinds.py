@@ -69,6 +69,7 @@ KINDS: List[Kind] = [
     Kind("criterion", "kdcore.criterion:Criterion", "kdcore_register_criteria", "criterion", default="fkl"),
     Kind("projector", "kdcore.projector:Projector", "kdcore_register_projectors", "projector", default="none"),
     Kind("aligner", "kdcore.aligner:Aligner", "kdcore_register_aligners", "aligner", default="identity"),
+    Kind("targets", "kdcore.targets:Targets", "kdcore_register_targets", "targets", default="gold"),
 ]
 
 _HOOKSPECS: Dict[str, Any] = {}  # kind name -> hookspec module of kinds added at run time
