@@ -67,6 +67,12 @@ def kdcore_register_probes(register):
     model and a training run runs at each evaluation (``eval.probes``)."""
 
 
+@hookspec
+def kdcore_register_targets(register):
+    """Register target providers (subclasses of :class:`kdcore.targets.Targets`): which
+    response sequences each step trains on (``gold``; pseudo-targets from a model)."""
+
+
 # ------------------------------------------------------------------------- lifecycle hooks
 
 @hookspec

@@ -70,6 +70,7 @@ KINDS: List[Kind] = [
     Kind("projector", "kdcore.projector:Projector", "kdcore_register_projectors", "projector", default="none"),
     Kind("aligner", "kdcore.aligner:Aligner", "kdcore_register_aligners", "aligner", default="identity"),
     Kind("probe", "kdcore.probe:Probe", "kdcore_register_probes", "eval.probes", many=True),
+    Kind("targets", "kdcore.targets:Targets", "kdcore_register_targets", "targets", default="gold"),
 ]
 
 _HOOKSPECS: Dict[str, Any] = {}  # kind name -> hookspec module of kinds added at run time

@@ -1,0 +1,33 @@
+"""Training targets: which response sequences a step trains on (gold, or pseudo-targets).
+
+A :class:`Targets` component sits between the data loader and the forward/backward pass of
+every optimizer step. ``gold`` (the default) passes the loader's micro-batches through
+unchanged, so a run without a ``targets:`` key is exactly the engine's gold-target training.
+Pseudo-target plugins (Calderon et al. 2023, §1.5 of the seed-methods spec) replace the
+response part of each micro-batch by a generated sequence ŷ for the same prompt x.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List
+
+
+class Targets:
+    """Base class of target providers.
+
+    ``step_batches(micro_batches, run) -> micro_batches``: called once per optimizer step,
+    before any forward pass, with this rank's micro-batches of the global batch (collated
+    dicts with ``student`` / ``teacher`` encodings) and the run's
+    :class:`kdcore.hooks.RunContext`. It returns the micro-batches to train on; it must keep
+    their layout (the keys the collator produced) so every aligner, projector and criterion
+    works unchanged. ``metrics()`` may report ``{name: float}`` values for the step record
+    (e.g. generation seconds).
+    """
+
+    name: ClassVar[str]
+
+    def step_batches(self, micro_batches: List[Dict[str, Any]], run) -> List[Dict[str, Any]]:
+        return micro_batches
+
+    def metrics(self) -> Dict[str, float]:
+        return {}
