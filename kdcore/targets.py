@@ -20,14 +20,12 @@ class Targets:
     dicts with ``student`` / ``teacher`` encodings) and the run's
     :class:`kdcore.hooks.RunContext`. It returns the micro-batches to train on; it must keep
     their layout (the keys the collator produced) so every aligner, projector and criterion
-    works unchanged. ``metrics()`` may report ``{name: float}`` values for the step record
-    (e.g. generation seconds).
+    works unchanged. Like every component, a targets plugin reports step metrics (e.g.
+    generation seconds) through the lifecycle hooks: a ``@kdcore.hookimpl`` method
+    ``kdcore_after_step(self, run, step, metrics)`` returning ``{name: float}``.
     """
 
     name: ClassVar[str]
 
     def step_batches(self, micro_batches: List[Dict[str, Any]], run) -> List[Dict[str, Any]]:
         return micro_batches
-
-    def metrics(self) -> Dict[str, float]:
-        return {}

@@ -121,7 +121,6 @@ class Trainer:
         micro_batches = self.parts.targets.step_batches(micro_batches, self.run)
         self.hooks.call("kdcore_before_step", step=self.step, batches=micro_batches)
         metrics = self.accumulate(micro_batches)
-        metrics.update(self.parts.targets.metrics())
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         with self.timer.section("optimizer"):
             metrics["grad_norm"] = self.optimizer_step(metrics.get(LOSS, 0.0))
