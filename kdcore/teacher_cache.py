@@ -566,7 +566,9 @@ class TeacherCache:
         """MinED: teacher ids -> student ids (ids without a student image dropped: log p = −inf);
         unaligned rows become the one-hot gold target (as the online aligner's +100 logit)."""
         ids, log_t, tail = unpack(packed)
-        t2s = self.t2s.to(packed.device)
+        if self.t2s.device != packed.device:  # moved once, not copied on every micro-batch
+            self.t2s = self.t2s.to(packed.device)
+        t2s = self.t2s
         mapped = torch.where(ids < len(t2s), t2s[ids.clamp(0, len(t2s) - 1)], torch.full_like(ids, -1))
         log_t = torch.where(mapped >= 0, log_t, torch.full((), float("-inf"), device=packed.device))
         gold_ids = torch.zeros_like(ids)
