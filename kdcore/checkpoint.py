@@ -561,3 +561,46 @@ class Checkpoints:
         _on_every_rank(write, self.agree, f"{target}", self.out, cleanup)
         return target
 
+
+
+class RunCheckpoints:
+    """What one training run saves, exports and resumes from, over its :class:`Checkpoints`.
+
+    A checkpoint of step ``N`` holds the student side (``objects``: the distilled module, the
+    optimizer, the schedule), ``total_steps``, the resolved config, the step guard's skip counts
+    (:meth:`kdcore.guard.StepGuard.record`) and the files the ``kdcore_checkpoint_save`` hooks
+    write into it. ``best/`` and ``final/`` are the tuner's student exports; under fsdp the
+    sharded student is first gathered into a plain copy on rank 0 (``sharding.gatherer``).
+    """
+
+    def __init__(self, store: Checkpoints, config, parts, objects: tuple, guard, sharding):
+        self.store, self.root, self.cfg, self.parts = store, store.root, config, parts
+        self.objects, self.guard, self.sharding = objects, guard, sharding  # objects: (module, optimizer, scheduler)
+        self.saved_step: Optional[int] = None  # the step this run last checkpointed or resumed from
+
+    def save(self, step: int, total_steps: int, hooks) -> None:
+        state = {"total_steps": total_steps, "config": self.cfg.resolved, **self.guard.record()}
+        self.store.save(step, *self.objects, state,
+                        extra=lambda d: hooks.call("kdcore_checkpoint_save", step=step, directory=d))
+        self.saved_step = step
+
+    def export(self, name: str) -> None:
+        """``best/`` (an export while training) or ``final/`` (the tuner's plain export)."""
+        from .models import load_model
+
+        p = self.parts
+        rebuild = lambda: p.tuner.apply(load_model(self.cfg.student))  # the unsharded student fsdp gathers into
+        self.store.export(name, p.tuner, p.student_model, p.student_tokenizer, final=name == "final",
+                          gather=self.sharding.gatherer(p.student_model, rebuild))
+
+    def resume(self, device) -> Optional[tuple]:
+        """``(directory, state)`` of the newest valid checkpoint, restored into the objects and the
+        step guard, when ``train.resume``; else ``None``."""
+        t = self.cfg.train
+        restored = self.store.restore(*self.objects, device, config=self.cfg.resolved,
+                                      allow_changes=t.resume_allow_changes,
+                                      fallback=t.resume_fallback) if t.resume else None
+        if restored is not None:
+            self.saved_step = restored[1]["step"]
+            self.guard.restore(restored[1])
+        return restored

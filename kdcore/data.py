@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .distributed import DistInfo, all_reduce_sum
+from .errors import DataError
 from .task import Example
 
 IGNORE = -100
@@ -277,3 +279,17 @@ def calibration_batches(task, tokenizer, n: Optional[int], batch_size: int, seed
 def response_tokens(batch) -> int:
     """Student response tokens of a collated batch: the normaliser of every loss term."""
     return int(batch["student"]["labels"].ne(IGNORE).sum())
+
+
+def global_tokens(micro_batches, dist: DistInfo, device) -> Tuple[List[int], float, float]:
+    """``(counts, n_global, n_all)`` of one global batch: this rank's student response tokens
+    per micro-batch, and the response tokens ``N_global`` (the loss normaliser) and all
+    attended student tokens (for throughput) summed over every micro-batch of every rank (one
+    all-reduce). A global batch without response tokens is a :class:`DataError`."""
+    counts = [response_tokens(mb) for mb in micro_batches]
+    everything = float(sum(int(mb["student"]["attention_mask"].sum()) for mb in micro_batches))
+    n_global, n_all = all_reduce_sum(torch.tensor([float(sum(counts)), everything]).to(device), dist).tolist()
+    if n_global == 0:
+        raise DataError("a global batch has no response tokens (every response was truncated away); "
+                        "raise task.max_length or lower task.max_prompt_length")
+    return counts, n_global, n_all

@@ -115,7 +115,7 @@ def _chunk_terms(space, hs, ht, labels, rows):
             hits[term.name] = hit.sum().float()
             if term.gate:
                 per_row = per_row * hit.to(per_row.dtype)
-                g_kd = g_kd * hit.to(g_kd.dtype)[:, None]
+                g_kd = _scaled(g_kd, hit.to(g_kd.dtype)[:, None])
         else:
             values[term.name], g = _ce_and_grad(side, labels)
             grads[term.name] = {term.side: g}
@@ -155,15 +155,22 @@ def run_space(space, chunk_size: int, weights: Weights):
 
 
 def _combine(grads: Dict[str, Dict[str, torch.Tensor]], weights: Callable[[str], float]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{"*": {side: Σ_terms weight · g}}``."""
+    """``{"*": {side: Σ_terms weight · g}}``, in the terms' own ``[n, V]`` buffers (they belong to
+    this chunk): the same float operations as ``w·g`` and ``+``, without a new buffer per term."""
     out: Dict[str, torch.Tensor] = {}
     for name, by_side in grads.items():
         w = weights(name)
         if w == 0.0:
             continue
         for side, g in by_side.items():
-            out[side] = out[side] + w * g if side in out else w * g
+            out[side] = out[side].add_(_scaled(g, w)) if side in out else _scaled(g, w)
     return {"*": out}
+
+
+def _scaled(g: torch.Tensor, factor) -> torch.Tensor:
+    """``factor · g``, in place where ``g`` owns its elements (a chunk's fresh gradient; an
+    autograd gradient can be an expanded view, which gets a new tensor)."""
+    return g.mul_(factor) if g.is_contiguous() else g * factor
 
 
 class FusedSpace(torch.autograd.Function):

@@ -99,8 +99,9 @@ class MetricLog:
             purge = resume_step + 1 if resume_step is not None else None
             self.writer = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
 
-    def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
+    def log(self, split: str, step: int, metrics: Optional[Mapping[str, float]]) -> None:
+        """One record; ``metrics`` None (e.g. no test split to score) records nothing."""
+        if not self.enabled or metrics is None:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")

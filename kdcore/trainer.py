@@ -5,8 +5,8 @@ every micro-batch is ``Σ token terms / N_global × world_size``, where ``N_glob
 of student response tokens in the whole global batch (all micro-batches, all ranks): DDP's
 gradient averaging then yields exactly the token mean over the global batch. The pieces live
 elsewhere: the objective in :mod:`kdcore.distill`, data order in :mod:`kdcore.data`, metrics in
-:mod:`kdcore.metrics`, the optimizer in :mod:`kdcore.optim`, checkpoints and exports in
-:mod:`kdcore.checkpoint`, ROUGE-L in :mod:`kdcore.evaluate`, lifecycle hooks in :mod:`kdcore.hooks`.
+:mod:`kdcore.metrics`, the optimizer in :mod:`kdcore.optim`, what a run saves, exports and resumes in
+:class:`kdcore.checkpoint.RunCheckpoints`, ROUGE-L in :mod:`kdcore.evaluate`, lifecycle hooks in :mod:`kdcore.hooks`.
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .assemble import Components, build_components, write_run_files
-from .checkpoint import Checkpoints, check_output_dir, latest
+from .checkpoint import Checkpoints, RunCheckpoints, check_output_dir, latest
 from .config import Config
-from .data import RunData, response_tokens
+from .data import RunData, global_tokens
 from .distill import LOSS, DistillModule, forward_into, with_loss
-from .distributed import DistInfo, all_reduce_sum, autocast_dtype
-from .errors import DataError
+from .distributed import DistInfo, autocast_dtype
 from .evaluate import RunEvaluation
 from .guard import StepGuard
 from .hooks import RunContext, RunHooks
@@ -38,7 +37,10 @@ from .telemetry import Throughput
 log = logging.getLogger(__name__)
 
 
-def seed_everything(seed: int) -> None:
+def set_up_process(seed: int, threads: int) -> None:
+    """Process-wide settings: torch's CPU threads (``train.threads``; 0 keeps torch's default), every RNG's seed."""
+    if threads:
+        torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -62,19 +64,16 @@ class Cadence:
 
 
 class Trainer:
-    """Builds everything from a :class:`Config` and runs ``train()``."""
+    """Builds everything from a :class:`Config` and runs ``train()``; one step is :meth:`train_step`."""
 
     def __init__(self, config: Config, dist_info: DistInfo, components: Optional[Components] = None):
         self.cfg, self.dist, t = config, dist_info, config.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
         self.out, self.device = check_output_dir(config.run.output_dir, create=True), dist_info.device
         self.amp = autocast_dtype(t.precision, self.device)
         self.sharding = strategy_for(t.strategy, dist_info, self.amp)  # ddp replicas or fsdp shards
-        self.checkpoints = Checkpoints(self.out, dist_info, t.keep_last, config.eval.select_by,
-                                       self.sharding.checkpoint_format)
-        self.checkpoints.refuse_existing(t.resume)
-        seed_everything(config.run.seed + dist_info.rank)
+        store = Checkpoints(self.out, dist_info, t.keep_last, config.eval.select_by, self.sharding.checkpoint_format)
+        store.refuse_existing(t.resume)  # before any weights are loaded
+        set_up_process(config.run.seed + dist_info.rank, t.threads)
         self.parts = p = components or build_components(config, load_weights=True)
         self.module = DistillModule.for_run(p, config.objective, self.sharding.build_device)
         self.model = self.sharding.wrap(self.module, p)
@@ -86,34 +85,38 @@ class Trainer:
                                         lockstep=self.sharding.lockstep)
         self.throughput = Throughput(self.device, self.amp, t.peak_flops)
         self.timer = self.module.timer = self.throughput.timer
-        self.step, self.run, self.log, self.hooks = 0, RunContext(self), None, None
-        self.guard, self.preempted, self._saved_step = StepGuard(dist_info, t.max_consecutive_skips), False, None
+        self.guard = StepGuard(dist_info, t.max_consecutive_skips)
+        self.checkpoints = RunCheckpoints(store, config, p, (self.module, self.optimizer, self.scheduler), self.guard,
+                                          self.sharding)
+        self.step, self.run, self.log, self.hooks, self.preempted = 0, RunContext(self), None, None, False
 
-    # -- the loop ---------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
-        from tqdm.auto import tqdm
-
         self._start()
         last_eval: Dict[str, float] = {}
         steps = iter(self.data.steps(self.step, self.total_steps))
         with self.guard, tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main,
                               dynamic_ncols=True) as bar:  # closed (its line ended) before any error is printed
-            while True:
+            while not self.preempted:
                 tick = time.perf_counter()
                 with self.timer.section("data"):
                     micro = next(steps, None)
                 if micro is None:
                     break
                 metrics = self.train_step(micro)
-                self._log_step(metrics, time.perf_counter() - tick)
+                self.throughput.step_metrics(metrics, self.flops, time.perf_counter() - tick)  # tokens/s, MFU, split
+                self.hooks.report("kdcore_after_step", metrics, step=self.step)
+                if self.cadence.logs(self.step):
+                    self.log.log("train", self.step, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics[LOSS]:.4f}", lr=f"{metrics['lr']:.2e}")
                 last_eval = self._evaluate_and_save(last_eval)
                 self.guard.check(self.step, latest(self.checkpoints.root))
-                if self.guard.should_stop() and self.step < self.total_steps:
-                    bar.close()
-                    return self._stop_preempted(last_eval)
-        return self._finish(last_eval)
+                self.preempted = self.guard.should_stop() and self.step < self.total_steps
+            if self.preempted:  # a scheduler's signal: checkpoint this step (unless just done) and end the run
+                bar.close()
+                if self.checkpoints.saved_step != self.step:
+                    self.save_checkpoint()
+        return self._end(last_eval)
 
     def train_step(self, micro_batches) -> Dict[str, float]:
         """One optimizer step over this rank's micro-batches of a global batch (skipped, on
@@ -131,14 +134,8 @@ class Trainer:
     def accumulate(self, micro_batches) -> Dict[str, float]:
         """Forward/backward over this rank's micro-batches of one global batch; leaves the summed
         gradients in ``.grad`` and returns the global means of every term."""
-        counts = [response_tokens(mb) for mb in micro_batches]
-        everything = float(sum(int(mb["student"]["attention_mask"].sum()) for mb in micro_batches))
-        totals = all_reduce_sum(torch.tensor([float(sum(counts)), everything]).to(self.device), self.dist).tolist()
-        n_global, self.flops = totals[0], 0.0  # self.flops: this rank's model FLOPs of the step
-        if n_global == 0:
-            raise DataError("a global batch has no response tokens (every response was truncated away); "
-                            "raise task.max_length or lower task.max_prompt_length")
-        sums = MetricSums()
+        counts, n_global, n_all = global_tokens(micro_batches, self.dist, self.device)
+        sums, self.flops = MetricSums(), 0.0  # self.flops: this rank's model FLOPs of the step
         for i, (mb, tokens) in enumerate(zip(micro_batches, counts)):
             with self.sharding.no_sync(self.model, last=i == len(micro_batches) - 1):
                 loss = forward_into(self.model, mb, tokens, sums, self.device, self.amp)
@@ -146,35 +143,24 @@ class Trainer:
                     (loss * (self.dist.world_size / n_global)).backward()
             self.flops += self.module.last_flops
         metrics = with_loss(sums.reduce(self.dist, self.device), sums.term_names, self.cfg.objective.kd_weight)
-        return {**metrics, "tokens": n_global, "all_tokens": totals[1]}
+        return {**metrics, "tokens": n_global, "all_tokens": n_all}
 
     def optimizer_step(self, loss: float = 0.0) -> float:
         params = [p for p in self.module.parameters() if p.requires_grad]
         return optimizer_step(params, self.optimizer, self.scheduler, self.cfg.train.clip_grad,
                               skip=lambda norm: self.guard.skip(loss, norm, self.step + 1))
 
-
-    def _log_step(self, metrics: Dict[str, float], seconds: float) -> None:
-        """Throughput and time split (kdcore.telemetry.Throughput), hook metrics, then the record."""
-        self.throughput.step_metrics(metrics, self.flops, seconds)
-        self.hooks.report("kdcore_after_step", metrics, step=self.step)
-        if self.cadence.logs(self.step):
-            self.log.log("train", self.step, metrics)
-
     def _evaluate_and_save(self, last_eval: Dict[str, float]) -> Dict[str, float]:
         """Evaluate and checkpoint on cadence; every evaluation is a candidate for ``best/``."""
         evaluated = self.cadence.evaluates(self.step)
-        is_best = False
-        if evaluated:
-            last_eval = self.evaluate_and_log()
-            is_best = self.checkpoints.observe(self.step, last_eval)
+        last_eval = self.evaluate_and_log() if evaluated else last_eval
+        is_best = evaluated and self.checkpoints.store.observe(self.step, last_eval)
         if self.cadence.saves(self.step, evaluated) or self.step == self.total_steps:
             self.save_checkpoint()
         if is_best:
-            self.export_best()
+            self.checkpoints.export("best")
         return last_eval
 
-    # -- evaluation -------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
         return self.evaluation.terms()
 
@@ -189,7 +175,17 @@ class Trainer:
     def dev_rouge_l(self) -> float:
         return self.evaluation.dev_rouge_l()
 
-    # -- start, checkpoints, end ------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.step, self.total_steps, self.hooks)
+
+    def maybe_resume(self) -> bool:
+        """Restore the newest valid checkpoint when ``train.resume``; whether one was restored."""
+        restored = self.checkpoints.resume(self.device)
+        if restored is not None:
+            self.step = restored[1]["step"]
+            self.hooks.call("kdcore_checkpoint_load", step=self.step, directory=restored[0])
+        return restored is not None
+
     def _start(self) -> None:
         """Outputs, hooks, resume, and the evaluations before training."""
         self.hooks = RunHooks(self.run, self.parts.instances())
@@ -203,65 +199,17 @@ class Trainer:
         if self.step == 0 and self.cfg.train.eval_at_start:
             self.evaluate_and_log()
         if self.step == 0:
-            self._log_test_rouge("before")
+            self.log.log("test", self.step, self.evaluation.test_split("before", self.out))
 
-    def _log_test_rouge(self, stage: str) -> None:
-        record = self.evaluation.test_split(stage, self.out)
-        if record is not None:
-            self.log.log("test", self.step, record)
-
-    def save_checkpoint(self, eval_metrics: Optional[Dict[str, float]] = None) -> None:
-        """Checkpoint the current step (``eval_metrics``: an evaluation to consider for best first)."""
-        if eval_metrics is not None and self.checkpoints.observe(self.step, eval_metrics):
-            self.export_best()
-        state = {"total_steps": self.total_steps, "config": self.cfg.resolved, **self.guard.record()}
-        self.checkpoints.save(self.step, self.module, self.optimizer, self.scheduler, state,
-                              extra=lambda d: self.hooks.call("kdcore_checkpoint_save", step=self.step, directory=d))
-        self._saved_step = self.step
-
-    def export_best(self) -> None:
-        p = self.parts
-        self.checkpoints.export("best", p.tuner, p.student_model, p.student_tokenizer, final=False,
-                                gather=self._gather_student())
-
-    def _gather_student(self):
-        """Under fsdp: a callable that gathers the sharded student into a plain copy on rank 0."""
-        from .models import load_model
-
-        rebuild = lambda: self.parts.tuner.apply(load_model(self.cfg.student))
-        return self.sharding.gatherer(self.parts.student_model, rebuild)
-
-    def maybe_resume(self) -> bool:
-        """Restore the newest valid checkpoint when ``train.resume``; whether one was restored."""
-        t = self.cfg.train
-        restored = self.checkpoints.restore(self.module, self.optimizer, self.scheduler, self.device,
-                                            config=self.cfg.resolved, allow_changes=t.resume_allow_changes,
-                                            fallback=t.resume_fallback) if t.resume else None
-        if restored is None:
-            return False
-        self.step = self._saved_step = restored[1]["step"]
-        self.guard.restore(restored[1])
-        self.hooks.call("kdcore_checkpoint_load", step=self.step, directory=restored[0])
-        return True
-
-    def _stop_preempted(self, last_eval: Dict[str, float]) -> Dict[str, float]:
-        """A scheduler's signal: checkpoint this step (unless just done) and end the run."""
-        if self._saved_step != self.step:
-            self.save_checkpoint()
-        self.preempted = True
-        self.hooks.close()
-        self.log.close()
-        return last_eval
-
-    def _finish(self, last_eval: Dict[str, float]) -> Dict[str, float]:
-        """Test-split ROUGE-L after training, ``final/`` (loadable by plain transformers), hooks."""
-        self._log_test_rouge("after")
-        p = self.parts
-        self.checkpoints.export("final", p.tuner, p.student_model, p.student_tokenizer, final=True,
-                                gather=self._gather_student())
-        summary = self.throughput.summary(print_table=self.dist.is_main)
-        merge(summary, self.hooks.call("kdcore_run_end", metrics=dict(last_eval)), "kdcore_run_end")
-        self.log.log("summary", self.step, summary)
+    def _end(self, last_eval: Dict[str, float]) -> Dict[str, float]:
+        """Unless preempted: test-split ROUGE-L after training, ``final/`` (loadable by plain
+        transformers), the summary and ``kdcore_run_end``. Then the hooks and the log close."""
+        if not self.preempted:
+            self.log.log("test", self.step, self.evaluation.test_split("after", self.out))
+            self.checkpoints.export("final")
+            summary = self.throughput.summary(print_table=self.dist.is_main)
+            merge(summary, self.hooks.call("kdcore_run_end", metrics=dict(last_eval)), "kdcore_run_end")
+            self.log.log("summary", self.step, summary)
         self.hooks.close()
         self.log.close()
         return last_eval

@@ -216,6 +216,120 @@ def spawn(args, worker_args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# -- cross-vocabulary spaces: each aligner's KD terms next to the same-vocabulary path ---------------
+
+# aligner -> (projector, criterion): the standard configuration of each cross-vocabulary method;
+# "same" is the same-vocabulary reference (one tokenizer, identity alignment, vanilla KD).
+ALIGNER_SETUPS = {"same": ("none", "fkl"), "cma": ("dual", "fkl"), "mined": ("none", "fkl"), "uld": ("none", "uld")}
+
+
+def aligner_worker(args) -> dict:
+    """The KD loss of one aligner's standard configuration, as :class:`kdcore.distill.DistillModule`
+    computes it after the two backbones: ``aligner.align`` -> ``projector.spaces`` ->
+    :func:`kdcore.kdspace.evaluate_space` of every space (the default fused, chunked path, with the
+    objective's weights) plus the student CE where the spaces lack it -> the objective -> backward.
+    One sequence of ``tokens`` response positions per side (the same count on both, so the
+    alignments are one-to-one); the student vocabulary is ``--vocab``, the teacher's
+    ``--teacher-vocab`` (``same``: the student's). Heads frozen, as in the engine-level table;
+    the student hidden states, the projections and CMA's query require grad."""
+    import torch
+
+    import kdcore
+    from kdcore.distill import CE, objective, term_weight
+    from kdcore.kdspace import Head, ModelSide, cross_entropy_sum, evaluate_space
+
+    torch.set_grad_enabled(True)
+    device = torch.device(args.device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, v_s, d = args.tokens, args.vocab, args.hidden
+    v_t = v_s if args.aligner == "same" else args.teacher_vocab
+    dt = args.hidden if args.aligner == "same" else (args.teacher_hidden or args.hidden)
+    projector_name, criterion_name = ALIGNER_SETUPS[args.aligner]
+    kd_weight = 0.5
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    def side(hidden, vocab, width, grad):
+        labels = torch.randint(0, vocab, (1, n), generator=gen).to(device)
+        embeddings = torch.nn.Embedding(vocab, width).to(device).requires_grad_(False)
+        return ModelSide(hidden.requires_grad_(grad), Head(randn(vocab, width, scale=width ** -0.5 * 3)),
+                         torch.randint(0, vocab, (1, n), generator=gen).to(device), labels,
+                         torch.ones(1, n, dtype=torch.long, device=device), embeddings)
+
+    student = side(randn(1, n, d), v_s, d, True)
+    teacher = side(randn(1, n, dt), v_t, dt, False)
+    teacher.head = teacher.head.detached()
+    criterion = kdcore.build("criterion", criterion_name)
+    hidden = dict(student_hidden_size=d, teacher_hidden_size=dt)
+    projector = kdcore.build("projector", projector_name, **(hidden if projector_name == "dual" else {})).to(device)
+    if args.aligner == "cma":
+        aligner = kdcore.build("aligner", "cma", **hidden).to(device)
+        align = lambda s, t: aligner.align(s, t)
+    elif args.aligner == "mined":
+        from kdcore_plugins.aligners.mined import MinEDAlignment
+
+        # a vocabulary map onto 70 % of the student ids (each from a distinct teacher id), every row aligned
+        s_ids = torch.randperm(v_s, generator=gen)[: int(0.7 * min(v_s, v_t))].sort().values.to(device)
+        t_ids = torch.randperm(v_t, generator=gen)[: len(s_ids)].to(device)
+        align = lambda s, t: MinEDAlignment(s, t, torch.arange(s.hidden.shape[1], device=device)[None], s_ids, t_ids,
+                                            v_s)
+    else:
+        aligner = kdcore.build("aligner", "uld" if args.aligner == "uld" else "identity")
+        align = lambda s, t: aligner.align(s, t)
+    weights = lambda name: term_weight(name, kd_weight)
+
+    def step(rows: int):
+        s = ModelSide(student.hidden[:, :rows], student.head, student.input_ids[:, :rows], student.labels[:, :rows],
+                      student.attention_mask[:, :rows], student.embeddings)
+        t = ModelSide(teacher.hidden[:, :rows], teacher.head, teacher.input_ids[:, :rows], teacher.labels[:, :rows],
+                      teacher.attention_mask[:, :rows], teacher.embeddings)
+        terms = {}
+        for space in projector.spaces(s, t, align(s, t), criterion):
+            losses, _ = evaluate_space(space, args.chunk_size or None, weights)
+            for key, value in losses.items():
+                terms[key] = terms[key] + value if key in terms else value
+        if CE not in terms:
+            mask = s.mask
+            terms[CE] = cross_entropy_sum(s.hidden[mask], s.head, s.labels[mask], args.chunk_size or None)
+        loss = objective(terms, kd_weight, zero=torch.zeros((), device=device))
+        loss.backward()
+        value = float(loss.detach())
+        del loss, terms
+        student.hidden.grad = None
+        for p in projector.parameters():
+            p.grad = None
+        return value
+
+    result = measure(step, n, args.repeats, device)
+    result["nv_bytes"] = n * v_s * 4
+    return result
+
+
+def aligner_table(args) -> int:
+    """The cross-vocabulary table: each aligner's peak and time against the same-vocabulary path."""
+    v_s, v_t = args.vocab[0], args.teacher_vocab
+    print(f"device={args.device} student V={v_s} teacher V={v_t} hidden={args.hidden} "
+          f"teacher_hidden={args.teacher_hidden or args.hidden} chunk_size={args.chunk_size} repeats={args.repeats}\n")
+    print("| aligner | projector | criterion | tokens | ms | peak MiB | peak / same-vocabulary | time / same-vocabulary |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for n in args.tokens:
+        ref = None
+        for name in ["same", *args.aligners]:
+            cell = spawn(args, ["--mode", "aligner", "--aligner", name, "--vocab", str(v_s), "--teacher-vocab",
+                                str(v_t), "--tokens", str(n), "--hidden", str(args.hidden), "--teacher-hidden",
+                                str(args.teacher_hidden or args.hidden), "--chunk-size", str(args.chunk_size)])
+            ref = cell if name == "same" else ref
+            projector, criterion = ALIGNER_SETUPS[name]
+            if "error" in cell:
+                print(f"| {name} | {projector} | {criterion} | {n} | {cell['error']} | | | |", flush=True)
+                continue
+            rel = lambda key: f"{cell[key] / ref[key]:.2f}" if ref and key in ref else "–"
+            print(f"| {name} | {projector} | {criterion} | {n} | {cell['ms']:.0f} | {cell['peak_bytes'] / MiB:.0f} | "
+                  f"{rel('peak_bytes')} | {rel('ms')} |", flush=True)
+    return 0
+
+
 # -- criterion level: kdcore's analytic gradient side by side with autograd formulas ---------------
 
 IMPLEMENTATIONS = ("kdcore", "autograd", "dskd", "trl")
@@ -313,6 +427,16 @@ def criterion_loss(impl: str, name: str):
                                                         reduction="sum")
 
 
+def norm64(t) -> float:
+    """The float64 Euclidean norm of ``t[N, V]``, computed over blocks of rows: a whole float64 copy
+    would be 2 [N, V] float32 tensors, counted in the measured peak (the checksum ran before the
+    peak was read), which is not the loss's memory."""
+    import math
+
+    rows = max(1, (1 << 18) // max(t.shape[-1], 1))
+    return math.sqrt(sum(float(block.double().square().sum()) for block in t.split(rows)))
+
+
 def criterion_worker(args) -> dict:
     """Forward + backward of one implementation on student and teacher logits ``[N, V]``
     (float32, ``N(0, 2²)``, the same seed for every implementation); the student logits are a
@@ -332,7 +456,7 @@ def criterion_worker(args) -> dict:
         loss = loss_fn(s, teacher[:rows])
         loss.backward()
         value = float(loss.detach())
-        checksum["grad"] = float(s.grad.double().norm())
+        checksum["grad"] = norm64(s.grad)
         del loss
         student.grad = None
         return value
@@ -423,7 +547,15 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--modes", nargs="+", default=["naive", "chunked"], choices=ENGINE_MODES,
                         help="engine-level paths to measure (default: naive chunked; add checkpointed)")
-    parser.add_argument("--mode", choices=[*ENGINE_MODES, "criterion"], help=argparse.SUPPRESS)
+    parser.add_argument("--aligner-level", action="store_true",
+                        help="instead: the KD loss of each cross-vocabulary aligner's standard configuration (cma + "
+                             "dual, mined + none, uld + none + uld) next to the same-vocabulary path (identity + none)")
+    parser.add_argument("--aligners", nargs="+", default=["cma", "mined", "uld"], choices=["cma", "mined", "uld"],
+                        help="aligners of --aligner-level (default: all three)")
+    parser.add_argument("--teacher-vocab", type=int, default=152064,
+                        help="teacher vocabulary of --aligner-level (default 152,064: Qwen2.5-7B's head)")
+    parser.add_argument("--mode", choices=[*ENGINE_MODES, "criterion", "aligner"], help=argparse.SUPPRESS)
+    parser.add_argument("--aligner", choices=list(ALIGNER_SETUPS), help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -434,7 +566,8 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.worker:
         args.vocab, args.tokens = args.vocab[0], args.tokens[0]
-        print(json.dumps(criterion_worker(args) if args.mode == "criterion" else worker(args)))
+        workers = {"criterion": criterion_worker, "aligner": aligner_worker}
+        print(json.dumps(workers.get(args.mode, worker)(args)))
         return 0
 
     import kdcore
@@ -445,6 +578,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown criteria {unknown}; registered: {', '.join(kdcore.names('criterion'))}")
     if args.criterion_level:
         return side_by_side(args, criteria)
+    if args.aligner_level:
+        return aligner_table(args)
     return naive_vs_chunked(args, criteria)
 
 

@@ -79,11 +79,15 @@ class MinEDAlignment(Alignment):
         raise NotImplementedError("aligner 'mined' aligns logits in student space only")
 
     def teacher_logit_map(self, logits, labels, aligned):
-        """Teacher logits [N, V_t] -> student-vocabulary logits [N, V_s] (one-hot gold where unaligned)."""
+        """Teacher logits [N, V_t] -> student-vocabulary logits [N, V_s] (one-hot gold where unaligned).
+
+        Built in place in the one [N, V_s] output (no second full-width buffer for the gold rows):
+        mapped columns, then unaligned rows refilled with FILL and GOLD written at their label."""
         out = logits.new_full((logits.shape[0], self.vocab_size), FILL)
         out[:, self.s_ids] = logits[:, self.t_ids]
-        gold = torch.full_like(out, FILL).scatter_(1, labels[:, None], GOLD)
-        return torch.where(aligned.bool()[:, None], out, gold)
+        unaligned, at_label = ~aligned.bool()[:, None], labels[:, None]
+        kept = out.gather(1, at_label).masked_fill_(unaligned, GOLD)  # aligned rows keep their mapped logit
+        return out.masked_fill_(unaligned, FILL).scatter_(1, at_label, kept)
 
 
 class MinEDAligner(Aligner):
