@@ -26,6 +26,15 @@ class Targets:
     """
 
     name: ClassVar[str]
+    # Whether the run needs the teacher's weights even when objective.kd_weight is 0 (a plugin
+    # that generates with the teacher): the engine then loads it (kdcore.config.Config.uses_teacher).
+    needs_teacher: ClassVar[bool] = False
+
+    def train_examples(self, examples: List[Any]) -> List[Any]:
+        """The training examples the run's batch plan is drawn from, given the task's ``train``
+        split (called once, before the plan is made): a plugin may add prompt-only inputs
+        whose responses it supplies itself at step time. Default: the split unchanged."""
+        return examples
 
     def step_batches(self, micro_batches: List[Dict[str, Any]], run) -> List[Dict[str, Any]]:
         return micro_batches

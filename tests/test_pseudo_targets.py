@@ -1,0 +1,201 @@
+"""Pseudo-target plugins (``teacher``, ``student``, ``joint``; seed-methods §1.5): the block
+cache resumes after a kill and is keyed by its config, PTs rotate across epochs, on-policy PTs
+come from the current weights, Joint-Teaching's weights, gold mixing, bad settings, and every
+plugin trains across tokenizers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdcore.cli import main
+from kdcore.config import load_config
+from kdcore.data import IGNORE
+from kdcore.distributed import DistInfo
+from kdcore.errors import ConfigError
+from kdcore.trainer import Trainer
+
+import conftest
+
+TINY_TASK = {"max_examples": 16}
+
+
+def records(run_dir: Path, split="train"):
+    return [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split]
+
+
+def teacher_targets(tmp_path, **extra):
+    node = {"name": "teacher", "cache_dir": str(tmp_path / "pt-cache"), "block_size": 4,
+            "decoding": {"max_new_tokens": 6}}
+    node.update(extra)
+    return node
+
+
+def started(path, overrides=()):
+    """A trainer whose run has started (hooks registered, PTs generated), before any step."""
+    trainer = Trainer(load_config(path, list(overrides)), DistInfo())
+    trainer._start()
+    return trainer
+
+
+def responses(tokenizer, batch):
+    """The response texts of a collated micro-batch's student side (labels, eos dropped)."""
+    out = []
+    for row in batch["student"]["labels"]:
+        ids = [int(t) for t in row if t != IGNORE]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+def cache_file(tmp_path) -> Path:
+    files = sorted((tmp_path / "pt-cache").glob("pt-*.jsonl"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+# -- teacher ---------------------------------------------------------------------------------------
+
+def test_teacher_pts_rotate_across_epochs(make_config, tmp_path):
+    # 16 examples, global batch 4: 4 steps per epoch; K = 2 sampled PTs per prompt
+    path = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path, num_targets=2),
+                        "train": {"max_steps": 8}})
+    trainer = started(path)
+    plugin, tok = trainer.parts.targets, trainer.parts.student_tokenizer
+    assert len(plugin.pts) == 16 and all(len(row) == 2 for row in plugin.pts)
+    assert any(a != b for a, b in plugin.pts), "two samples per prompt should not all coincide"
+    for step, view in ((0, 0), (3, 0), (4, 1), (7, 1), (8, 0)):
+        trainer.step = step
+        idx = trainer.data.plan().micro_batches(step)[0]
+        batch = plugin.step_batches(trainer.data.micro_batches(step), trainer.run)[0]
+        assert responses(tok, batch) == [plugin.pts[i][view].strip() for i in idx]
+        # the prompt part is the task's own encoding of the same prompt
+        gold = trainer.data.micro_batches(step)[0]
+        prompt = int((gold["student"]["labels"][0] != IGNORE).nonzero()[0]) + 1  # prompt tokens of row 0
+        assert torch.equal(batch["student"]["input_ids"][0, :prompt], gold["student"]["input_ids"][0, :prompt])
+    trainer.hooks.close()
+    assert main(["--config", str(path), f"run.output_dir={tmp_path / 'trained'}"]) == 0
+    assert [r["targets/pt_index"] for r in records(tmp_path / "trained")] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_gold_weight_one_is_the_loader_batches_and_half_mixes(make_config, tmp_path):
+    path = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path, gold_weight=1.0)})
+    trainer = started(path)
+    loader = trainer.data.micro_batches(0)
+    mixed = trainer.parts.targets.step_batches(trainer.data.micro_batches(0), trainer.run)
+    for a, b in zip(loader, mixed):
+        for side in ("student", "teacher"):
+            for key in a[side]:
+                assert torch.equal(a[side][key], b[side][key])
+    trainer.hooks.close()
+    half = started(make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path, gold_weight=0.5)}, name="h.yaml"))
+    plugin = half.parts.targets
+    kept = [plugin.is_gold(half.run, i) for i in range(16)]
+    assert 0 < sum(kept) < 16  # a seeded draw per example ...
+    assert kept == [plugin.is_gold(half.run, i) for i in range(16)]  # ... that is reproducible
+    half.step = 1
+    assert kept != [plugin.is_gold(half.run, i) for i in range(16)]  # ... and redrawn every step
+    half.hooks.close()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_teacher_cache_resumes_after_a_kill(make_config, tmp_path, monkeypatch):
+    import kdcore_plugins.targets.teacher as teacher_module
+
+    whole = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path / "a", num_targets=2)}, name="a.yaml")
+    assert main(["--config", str(whole), f"run.output_dir={tmp_path / 'a-run'}"]) == 0
+    reference = cache_file(tmp_path / "a").read_text()
+    assert len(reference.splitlines()) == 1 + 16
+
+    real, calls = teacher_module.generate_pts, []
+
+    def dies_in_block_three(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        if len(calls) == 3:
+            path = cache_file(tmp_path / "b")
+            with path.open("a") as fh:  # the writer was killed half-way through a line
+                fh.write('{"i": 8, "targets": ["half a')
+            raise Killed()
+        return real(*args, **kwargs)
+
+    cut = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path / "b", num_targets=2)}, name="b.yaml")
+    monkeypatch.setattr(teacher_module, "generate_pts", dies_in_block_three)
+    killed = Trainer(load_config(cut, [f"run.output_dir={tmp_path / 'b-run'}"]), DistInfo())
+    with pytest.raises(Killed):
+        killed.train()
+    killed.hooks.close()  # (a killed process would take its hooks with it)
+    assert len(cache_file(tmp_path / "b").read_text().splitlines()) == 1 + 8 + 1  # two blocks and a torn line
+    monkeypatch.setattr(teacher_module, "generate_pts", real)
+    calls.clear()
+    spy = lambda *a, **k: (calls.append(k["seed"]), real(*a, **k))[1]
+    monkeypatch.setattr(teacher_module, "generate_pts", spy)
+    assert main(["--config", str(cut), f"run.output_dir={tmp_path / 'b-run2'}"]) == 0
+    assert calls == [1 + 2, 1 + 3]  # only blocks 2 and 3 (seeded sample_seed + b) were generated again
+    assert cache_file(tmp_path / "b").read_text() == reference
+    calls.clear()
+    assert main(["--config", str(cut), f"run.output_dir={tmp_path / 'b-run3'}"]) == 0
+    assert calls == []  # complete: nothing generated
+
+
+def test_changed_decoding_regenerates_and_a_foreign_file_is_refused(make_config, tmp_path):
+    first = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path)}, name="a.yaml")
+    assert main(["--config", str(first), f"run.output_dir={tmp_path / 'r1'}"]) == 0
+    old = cache_file(tmp_path)
+    hotter = teacher_targets(tmp_path, decoding={"max_new_tokens": 6, "temperature": 1.5})
+    second = make_config({"task": TINY_TASK, "targets": hotter}, name="b.yaml")
+    assert main(["--config", str(second), f"run.output_dir={tmp_path / 'r2'}"]) == 0
+    files = sorted((tmp_path / "pt-cache").glob("pt-*.jsonl"))
+    assert len(files) == 2 and old in files
+    new = next(f for f in files if f != old)
+    new.write_text(old.read_text())  # a file whose header belongs to another config
+    refused = Trainer(load_config(second, [f"run.output_dir={tmp_path / 'r3'}"]), DistInfo())
+    with pytest.raises(ConfigError, match=r"another configuration \(differs in: decoding, generation\)"):
+        refused.train()
+    refused.hooks.close()
+
+
+def test_unlabelled_inputs_join_with_pts_only(make_config, tmp_path):
+    extra = {"name": "instruction", "files": {"train": str(conftest.DATA_DIR / "test.jsonl")}, "max_examples": 8}
+    path = make_config({"task": TINY_TASK, "targets": teacher_targets(tmp_path, unlabelled=extra, gold_weight=1.0)})
+    trainer = started(path)
+    plugin = trainer.parts.targets
+    assert len(trainer.data.train_set) == 24 and len(plugin.pts) == 24 and plugin.n_labelled == 16
+    assert trainer.data.train_set.examples[20].response == ""
+    assert [plugin.is_gold(trainer.run, i) for i in (0, 15, 16, 23)] == [True, True, False, False]
+    trainer.hooks.close()
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"num_targets": 0}, r"targets.num_targets: must be >= 1, got 0"),
+    ({"decoding": {"strategy": "beam", "temperature": 0.7}},
+     r"temperature is a sampling option; strategy 'beam' does not sample"),
+    ({"decoding": {"strategy": "greedy", "top_p": 0.9, "top_k": 5}}, r"top_k, top_p are sampling options"),
+    ({"decoding": {"temprature": 0.7}}, r"temprature.*temperature"),
+    ({"num_targets": 3, "decoding": {"strategy": "greedy"}}, r"greedy decoding gives one sequence per prompt"),
+    ({"num_targets": 4, "decoding": {"strategy": "beam", "num_beams": 2}}, r"num_beams \(2\) must be at least num_targets \(4\)"),
+    ({"decoding": {"num_beams": 4}}, r"num_beams needs strategy: beam"),
+])
+def test_bad_pt_settings_are_one_config_error(make_config, tmp_path, capsys, node, message):
+    path = make_config({"targets": {**teacher_targets(tmp_path), **node}})
+    assert main(["--config", str(path), "--validate"]) != 0
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+
+
+def test_teacher_targets_need_a_teacher_and_its_weights(make_config, tmp_path):
+    with pytest.raises(ConfigError, match="teacher: missing section; targets 'teacher' generates with the teacher"):
+        load_config(make_config({"teacher": None, "objective": {"kd_weight": 0.0}, "targets": teacher_targets(tmp_path)}))
+    with pytest.raises(ConfigError, match="teacher.cache: targets 'teacher' generates with the teacher's weights"):
+        load_config(make_config({"teacher": {"cache": str(tmp_path)}, "targets": teacher_targets(tmp_path)}))
+    seqkd = load_config(make_config({"objective": {"kd_weight": 0.0}, "targets": teacher_targets(tmp_path)}))
+    assert seqkd.uses_teacher  # SeqKD: CE only, and still the teacher is loaded to generate
+    assert not load_config(make_config({"objective": {"kd_weight": 0.0}})).uses_teacher
