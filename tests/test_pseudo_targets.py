@@ -199,3 +199,56 @@ def test_teacher_targets_need_a_teacher_and_its_weights(make_config, tmp_path):
     seqkd = load_config(make_config({"objective": {"kd_weight": 0.0}, "targets": teacher_targets(tmp_path)}))
     assert seqkd.uses_teacher  # SeqKD: CE only, and still the teacher is loaded to generate
     assert not load_config(make_config({"objective": {"kd_weight": 0.0}})).uses_teacher
+
+
+# -- student (on-policy) ---------------------------------------------------------------------------
+
+def student_targets(**extra):
+    node = {"name": "student", "probability": 1.0, "decoding": {"max_new_tokens": 8}}
+    node.update(extra)
+    return node
+
+
+def test_on_policy_pts_come_from_the_current_weights(make_config, tmp_path):
+    from kdcore_plugins.targets._decoding import generate_pts
+    from kdcore_plugins.targets._steps import int_seed
+
+    path = make_config({"task": TINY_TASK, "targets": student_targets(), "train": {"lr": 0.05}})
+    trainer = started(path)
+    plugin, run, model = trainer.parts.targets, trainer.run, trainer.parts.student_model
+    prompts = [trainer.data.train_set.examples[i].prompt for i in trainer.data.plan().micro_batches(0)[0]]
+
+    def direct():  # what the student's weights of this moment sample with the step's seed
+        out, _, _ = generate_pts(model, trainer.parts.student_tokenizer, prompts, plugin.decoding, run.task,
+                                 seed=int_seed(plugin.sample_seed, 0, 0, 0), progress=False)
+        return [o[0] for o in out]
+
+    before_weights = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    batches = plugin.step_batches(trainer.data.micro_batches(0), run)
+    before = plugin.last_pts[0]
+    assert torch.equal(torch.get_rng_state(), rng)  # generating left the training RNG stream alone
+    assert model.training  # and training mode restored
+    assert before == direct()
+    assert responses(trainer.parts.student_tokenizer, batches[0]) == [p.strip() for p in before]
+    trainer.train_step(trainer.data.micro_batches(0))  # one optimizer step changes the weights ...
+    assert any(not torch.equal(before_weights[k], v) for k, v in model.state_dict().items())
+    trainer.step = 0  # ... and the same step (same seed) now samples other sequences: the new weights'
+    plugin.step_batches(trainer.data.micro_batches(0), run)
+    after = plugin.last_pts[0]
+    assert after != before and after == direct()
+    trainer.hooks.close()
+
+
+def test_student_probability_is_a_seeded_draw_per_micro_batch(make_config, tmp_path):
+    path = make_config({"task": TINY_TASK, "targets": student_targets(probability=0.5),
+                        "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2}})
+    assert main(["--config", str(path)]) == 0
+    fractions = [r["targets/student_fraction"] for r in records(tmp_path / "run")]
+    assert set(fractions) <= {0.0, 0.5, 1.0} and 0 < sum(fractions) < 4
+    generated = [r["gen/tokens"] for r in records(tmp_path / "run")]
+    assert all((g > 0) == (f > 0) for g, f in zip(generated, fractions))
+    summary = records(tmp_path / "run", "summary")[-1]
+    assert summary["gen/tokens_total"] == sum(generated) and summary["gen/tokens_per_s"] > 0
+    assert main(["--config", str(path), f"run.output_dir={tmp_path / 'again'}"]) == 0
+    assert [r["targets/student_fraction"] for r in records(tmp_path / "again")] == fractions

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Seque
 
 import torch
 
+from kdcore import hookimpl
 from kdcore.errors import ConfigError
 from kdcore.schema import Range, check_section
 
@@ -145,3 +146,22 @@ class GenerationStats:
         s = self.summary()
         return (f"generation ({what}): {s['gen/tokens_total']:,.0f} tokens in {s['gen/seconds_total']:.1f} s "
                 f"({s['gen/tokens_per_s']:,.0f} generated tokens/s)")
+
+
+class ReportsGeneration:
+    """Mixin of the PT plugins: ``self.stats`` (:class:`GenerationStats`) and ``self.last`` (the
+    step's own metrics) reach the ``train`` record after every step; the run totals reach the
+    ``summary`` record, and the generated tokens/s line is printed at the end of the run."""
+
+    stats: GenerationStats
+    last: Dict[str, float]
+
+    @hookimpl
+    def kdcore_after_step(self, run, step, metrics):
+        return {**self.stats.take_step(), **self.last}
+
+    @hookimpl
+    def kdcore_run_end(self, run, metrics):
+        if run.is_main:
+            print(self.stats.line(f"targets {self.name}"), flush=True)
+        return self.stats.summary()

@@ -31,12 +31,12 @@ from kdcore.schema import INT64_MAX, Range
 from kdcore.targets import Targets
 from kdcore.task import Example
 
-from ._decoding import GenerationStats, generate_pts, parse_decoding
+from ._decoding import GenerationStats, ReportsGeneration, generate_pts, parse_decoding
 from ._ptcache import PTCache, prompts_hash
 from ._steps import draw, epoch_of, step_indices, with_responses
 
 
-class TeacherTargets(Targets):
+class TeacherTargets(ReportsGeneration, Targets):
     """Teacher PTs, K per prompt, generated once and cached (see the module docstring)."""
 
     name = "teacher"
@@ -120,17 +120,6 @@ class TeacherTargets(Targets):
             out.append(run.data.collate_examples(with_responses(examples, idx, responses)))
         self.last["targets/gold_fraction"] = gold / max(sum(len(idx) for idx in indices), 1)
         return out
-
-    # -- metrics ------------------------------------------------------------------------------
-    @hookimpl
-    def kdcore_after_step(self, run, step, metrics):
-        return {**self.stats.take_step(), **self.last}
-
-    @hookimpl
-    def kdcore_run_end(self, run, metrics):
-        if run.is_main:
-            print(self.stats.line(f"targets {self.name}"), flush=True)
-        return self.stats.summary()
 
 
 @hookimpl
