@@ -252,3 +252,67 @@ def test_student_probability_is_a_seeded_draw_per_micro_batch(make_config, tmp_p
     assert summary["gen/tokens_total"] == sum(generated) and summary["gen/tokens_per_s"] > 0
     assert main(["--config", str(path), f"run.output_dir={tmp_path / 'again'}"]) == 0
     assert [r["targets/student_fraction"] for r in records(tmp_path / "again")] == fractions
+
+
+# -- joint (Joint-Teaching) ------------------------------------------------------------------------
+
+def test_joint_alternation_follows_the_student_weight():
+    from kdcore_plugins.targets._steps import on_every
+
+    assert [on_every(s, 0.5) for s in range(6)] == [False, True, False, True, False, True]
+    assert [on_every(s, 1 / 3) for s in range(6)] == [False, False, True, False, False, True]
+    assert not any(on_every(s, 0.0) for s in range(10)) and all(on_every(s, 1.0) for s in range(10))
+    assert sum(on_every(s, 0.29) for s in range(100)) == 29  # exact, no float drift
+
+
+def joint_targets(tmp_path, **extra):
+    node = {**teacher_targets(tmp_path), "name": "joint", "student_decoding": {"max_new_tokens": 6}}
+    node.update(extra)
+    return node
+
+
+def test_joint_weights_gold_ce_and_pt_kd(make_config, tmp_path):
+    from kdcore.distill import move
+    from kdcore.data import response_tokens
+
+    alpha = 0.3
+    path = make_config({"task": TINY_TASK, "targets": joint_targets(tmp_path), "objective": {"kd_weight": alpha}})
+    trainer = started(path)
+    plugin, module = trainer.parts.targets, trainer.module
+    for step, student in ((0, False), (1, True)):
+        trainer.step = step
+        batches = plugin.step_batches(trainer.data.micro_batches(step), trainer.run)
+        assert plugin.last["targets/student_step"] == float(student)
+        pt, gold = batches  # grad_accum 1: one PT micro-batch (KD only) and the gold one (CE only)
+        assert pt["terms"] == {"ce": False, "kd": True} and gold["terms"] == {"ce": True, "kd": False}
+        assert gold["student"] is trainer.data.micro_batches(step)[0]["student"] or torch.equal(
+            gold["student"]["labels"], trainer.data.micro_batches(step)[0]["student"]["labels"])
+        with torch.no_grad():
+            out_pt, out_gold = module(move(pt, trainer.device)), module(move(gold, trainer.device))
+            plain = module(move({k: v for k, v in pt.items() if k != "terms"}, trainer.device))
+        kd_names = [k for k in plain.terms if k != "ce"]
+        assert kd_names and set(out_pt.terms) == set(kd_names) and set(out_gold.terms) == {"ce"}
+        for k in kd_names:  # the KD terms on the PT are those of an unrestricted pass
+            assert torch.allclose(out_pt.terms[k], plain.terms[k])
+        kd_sum = sum(out_pt.terms[k] for k in kd_names)
+        assert torch.allclose(out_pt.loss, alpha * kd_sum)
+        assert torch.allclose(out_gold.loss, (1 - alpha) * out_gold.terms["ce"])
+        n = response_tokens(pt) + response_tokens(gold)
+        metrics = trainer.accumulate(batches)
+        expected = ((1 - alpha) * out_gold.terms["ce"] + alpha * kd_sum) / n
+        assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+        assert metrics["tokens"] == n
+        module.zero_grad(set_to_none=True)
+    trainer.hooks.close()
+
+
+def test_joint_with_pure_kd_runs_no_gold_batches_and_needs_kd(make_config, tmp_path):
+    path = make_config({"task": TINY_TASK, "targets": joint_targets(tmp_path, student_weight=1.0),
+                        "objective": {"kd_weight": 1.0}})
+    trainer = started(path)
+    assert trainer.parts.targets.pts is None  # only student PTs: no teacher generation at all
+    batches = trainer.parts.targets.step_batches(trainer.data.micro_batches(0), trainer.run)
+    assert len(batches) == 1 and "terms" not in batches[0]
+    trainer.hooks.close()
+    bad = make_config({"task": TINY_TASK, "targets": joint_targets(tmp_path), "objective": {"kd_weight": 0.0}}, name="b.yaml")
+    assert main(["--config", str(bad)]) != 0
