@@ -316,3 +316,17 @@ def test_joint_with_pure_kd_runs_no_gold_batches_and_needs_kd(make_config, tmp_p
     trainer.hooks.close()
     bad = make_config({"task": TINY_TASK, "targets": joint_targets(tmp_path), "objective": {"kd_weight": 0.0}}, name="b.yaml")
     assert main(["--config", str(bad)]) != 0
+
+
+# -- SeqKD = teacher PTs + kd_weight 0 -------------------------------------------------------------
+
+def test_seqkd_is_teacher_targets_with_ce_only_across_tokenizers(make_config, tmp_path, tiny_pair):
+    # the cross-tokenizer pair with the default identity aligner: a teacher that only generates is not aligned
+    path = make_config({"task": TINY_TASK, "teacher": {"path": str(tiny_pair["teacher"])},
+                        "student": {"path": str(tiny_pair["student"])}, "objective": {"kd_weight": 0.0},
+                        "targets": teacher_targets(tmp_path)})
+    assert main(["--config", str(path)]) == 0
+    steps = records(tmp_path / "run")
+    assert all(r["loss"] == pytest.approx(r["ce"]) and not any(k.startswith("kd_") for k in r) for r in steps)
+    assert all("time/teacher_forward" not in r for r in steps)  # CE on the PTs: the teacher never runs a step
+    assert steps[0]["gen/tokens"] > 0 and len(cache_file(tmp_path).read_text().splitlines()) == 1 + 16
