@@ -330,3 +330,55 @@ def test_seqkd_is_teacher_targets_with_ce_only_across_tokenizers(make_config, tm
     assert all(r["loss"] == pytest.approx(r["ce"]) and not any(k.startswith("kd_") for k in r) for r in steps)
     assert all("time/teacher_forward" not in r for r in steps)  # CE on the PTs: the teacher never runs a step
     assert steps[0]["gen/tokens"] > 0 and len(cache_file(tmp_path).read_text().splitlines()) == 1 + 16
+
+
+# -- every targets plugin trains, same tokenizer and across tokenizers ---------------------------
+
+BUILT_IN = ["gold", "teacher", "student", "joint"]
+PAIRS = {"identity+none": ("student_same", {"aligner": "identity", "projector": "none"}),
+         "cma+dual": ("student", {"aligner": "cma", "projector": "dual"})}
+
+
+def test_the_matrix_covers_every_built_in():
+    from kdcore import names
+
+    assert sorted(BUILT_IN) == sorted(names("targets"))
+
+
+def plugin_node(name, tmp_path):
+    return {"gold": {"name": "gold"}, "teacher": teacher_targets(tmp_path, num_targets=2),
+            "student": student_targets(), "joint": joint_targets(tmp_path)}[name]
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_targets_plugin_trains_on_the_tiny_pair(make_config, tmp_path, tiny_pair, name, pair):
+    student, parts = PAIRS[pair]
+    path = make_config({"task": TINY_TASK, "teacher": {"path": str(tiny_pair["teacher"])},
+                        "student": {"path": str(tiny_pair[student])}, **parts, "targets": plugin_node(name, tmp_path),
+                        "train": {"max_steps": 2}, "eval": {"max_examples": 4}})
+    assert main(["--config", str(path)]) == 0
+    steps = records(tmp_path / "run")
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert any(k.startswith("kd_") for k in steps[0])
+    if name != "gold":
+        assert sum(r["gen/tokens"] for r in steps) > 0  # the student plugin generates on every micro-batch here
+
+
+def test_pts_are_retokenised_by_both_tokenizers(make_config, tmp_path, tiny_pair):
+    path = make_config({"task": TINY_TASK, "teacher": {"path": str(tiny_pair["teacher"])},
+                        "student": {"path": str(tiny_pair["student"])}, "aligner": "cma", "projector": "dual",
+                        "targets": teacher_targets(tmp_path)})
+    trainer = started(path)
+    plugin = trainer.parts.targets
+    idx = trainer.data.plan().micro_batches(0)[0]
+    batch = plugin.step_batches(trainer.data.micro_batches(0), trainer.run)[0]
+    assert batch["teacher"] is not batch["student"]  # two encodings of the same text
+    texts = {side: [] for side in ("student", "teacher")}
+    for side, tok in (("student", trainer.parts.student_tokenizer), ("teacher", trainer.parts.teacher_tokenizer)):
+        for row in batch[side]["labels"]:
+            texts[side].append(tok.decode([int(t) for t in row if t != IGNORE], skip_special_tokens=True))
+    norm = lambda t: " ".join(t.split())
+    expected = [norm(plugin.pts[i][0]) for i in idx]
+    assert [norm(t) for t in texts["teacher"]] == expected and [norm(t) for t in texts["student"]] == expected
+    trainer.hooks.close()
