@@ -382,3 +382,21 @@ def test_pts_are_retokenised_by_both_tokenizers(make_config, tmp_path, tiny_pair
     expected = [norm(plugin.pts[i][0]) for i in idx]
     assert [norm(t) for t in texts["teacher"]] == expected and [norm(t) for t in texts["student"]] == expected
     trainer.hooks.close()
+
+
+def test_the_study_grid_validates_with_equal_steps_and_seeds(monkeypatch):
+    from kdcore.grid import expand, load_grid, validate_runs
+
+    monkeypatch.chdir(conftest.REPO)  # the quickstart's data_dir is relative to the repository root
+
+    grid = load_grid(conftest.REPO / "configs" / "grids" / "targets-study.yaml")
+    runs = expand(grid)
+    validate_runs(grid, runs, check_models=False)
+    methods = {(r.resolved["targets"]["name"], r.resolved["objective"]["kd_weight"]) for r in runs}
+    assert methods == {("gold", 0.0), ("gold", 0.5), ("teacher", 0.0), ("teacher", 0.5), ("student", 0.5), ("joint", 0.5)}
+    by_method = {}
+    for r in runs:
+        key = (r.resolved["targets"]["name"], r.resolved["objective"]["kd_weight"])
+        by_method.setdefault(key, []).append((r.resolved["run"]["seed"], r.resolved["train"]["epochs"],
+                                             r.resolved["train"]["max_steps"], r.resolved["train"]["micro_batch_size"]))
+    assert len({tuple(sorted(v)) for v in by_method.values()}) == 1  # same seeds and step budget for every method
