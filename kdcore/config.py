@@ -333,14 +333,13 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError("eval.seeds: give at least one seed for dev generation")
     check_strategy(sections["train"], sections["eval"])
     components = {k.name: _component(k, nodes.get(k.config_key)) for k in kinds() if k.config_key}
-    if _targets_need_teacher(components.get("targets")):
-        name = components["targets"].name
-        if models["teacher"] is None:
-            raise ConfigError(f"teacher: missing section; targets '{name}' generates with the teacher")
-        if models["teacher"].cache is not None:
-            raise ConfigError(f"teacher.cache: targets '{name}' generates with the teacher's weights and trains on new "
-                              "sequences, which a stored teacher (outputs for the gold responses) cannot serve; "
-                              "remove teacher.cache or use targets: gold")
+    targets = components.get("targets")
+    if _targets_need_teacher(targets) and models["teacher"] is None:
+        raise ConfigError(f"teacher: missing section; targets '{targets.name}' generates with the teacher")
+    if targets is not None and getattr(targets.entry.cls, "new_sequences", False) and models["teacher"] is not None \
+            and models["teacher"].cache is not None:
+        raise ConfigError(f"teacher.cache: targets '{targets.name}' trains on generated sequences, which a stored teacher "
+                          "(outputs for the dataset's responses) cannot serve; remove teacher.cache or use targets: gold")
 
     resolved: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "plugins": plugins}
     for name in SECTIONS:

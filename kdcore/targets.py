@@ -29,6 +29,9 @@ class Targets:
     # Whether the run needs the teacher's weights even when objective.kd_weight is 0 (a plugin
     # that generates with the teacher): the engine then loads it (kdcore.config.Config.uses_teacher).
     needs_teacher: ClassVar[bool] = False
+    # Whether step_batches trains on sequences that are not the dataset's (generated ones): a
+    # stored teacher (teacher.cache: outputs for the dataset's sequences) cannot serve them.
+    new_sequences: ClassVar[bool] = False
 
     def train_examples(self, examples: List[Any]) -> List[Any]:
         """The training examples the run's batch plan is drawn from, given the task's ``train``

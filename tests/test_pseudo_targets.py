@@ -194,8 +194,9 @@ def test_bad_pt_settings_are_one_config_error(make_config, tmp_path, capsys, nod
 def test_teacher_targets_need_a_teacher_and_its_weights(make_config, tmp_path):
     with pytest.raises(ConfigError, match="teacher: missing section; targets 'teacher' generates with the teacher"):
         load_config(make_config({"teacher": None, "objective": {"kd_weight": 0.0}, "targets": teacher_targets(tmp_path)}))
-    with pytest.raises(ConfigError, match="teacher.cache: targets 'teacher' generates with the teacher's weights"):
-        load_config(make_config({"teacher": {"cache": str(tmp_path)}, "targets": teacher_targets(tmp_path)}))
+    for node in (teacher_targets(tmp_path), student_targets()):
+        with pytest.raises(ConfigError, match=f"teacher.cache: targets '{node['name']}' trains on generated sequences"):
+            load_config(make_config({"teacher": {"cache": str(tmp_path)}, "targets": node}))
     seqkd = load_config(make_config({"objective": {"kd_weight": 0.0}, "targets": teacher_targets(tmp_path)}))
     assert seqkd.uses_teacher  # SeqKD: CE only, and still the teacher is loaded to generate
     assert not load_config(make_config({"objective": {"kd_weight": 0.0}})).uses_teacher

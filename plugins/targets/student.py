@@ -30,6 +30,7 @@ class StudentTargets(ReportsGeneration, Targets):
     """On-policy student PTs with probability λ per micro-batch (see the module docstring)."""
 
     name = "student"
+    new_sequences = True
 
     def __init__(self, probability: Annotated[float, Range(ge=0, le=1)] = 0.5, decoding: Optional[Dict[str, Any]] = None,
                  sample_seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 1, seed: int = 0):

@@ -41,6 +41,7 @@ class TeacherTargets(ReportsGeneration, Targets):
 
     name = "teacher"
     needs_teacher = True
+    new_sequences = True
 
     def __init__(self, num_targets: Annotated[int, Range(ge=1)] = 1, decoding: Optional[Dict[str, Any]] = None,
                  sample_seed: Annotated[int, Range(ge=0, le=INT64_MAX)] = 1, cache_dir: str = "runs/pt-cache",
