@@ -20,7 +20,11 @@ class Targets:
     dicts with ``student`` / ``teacher`` encodings) and the run's
     :class:`kdcore.hooks.RunContext`. It returns the micro-batches to train on; it must keep
     their layout (the keys the collator produced) so every aligner, projector and criterion
-    works unchanged. Like every component, a targets plugin reports step metrics (e.g.
+    works unchanged. ``run.data.plan().micro_batches(run.step)`` are the example indices of
+    the given micro-batches and ``run.data.collate_examples(examples)`` encodes examples exactly
+    as the loader does (both tokenizers, the aligner's pair features). A returned micro-batch
+    may carry a ``"terms": {"ce": bool, "kd": bool}`` part to contribute only some loss terms
+    (:mod:`kdcore.distill`), and there may be more micro-batches than were given. Like every component, a targets plugin reports step metrics (e.g.
     generation seconds) through the lifecycle hooks: a ``@kdcore.hookimpl`` method
     ``kdcore_after_step(self, run, step, metrics)`` returning ``{name: float}``.
     """
