@@ -91,6 +91,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def train(self) -> Dict[str, float]:
+        try:
+            return self._train()
+        except BaseException:
+            if self.hooks is not None:  # a failed run's components must not stay hooked into later runs of the process
+                self.hooks.close()
+            raise
+
+    def _train(self) -> Dict[str, float]:
         from tqdm.auto import tqdm
 
         self._start()
