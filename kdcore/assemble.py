@@ -118,7 +118,7 @@ def build_components(cfg: Config, load_weights: bool = True) -> Components:
         context.update(side_context("teacher", teacher_tok, teacher_model, hf_config))
     built = build_kinds(cfg.components, context)
     cache = None
-    if cfg.uses_teacher:
+    if cfg.uses_teacher and cfg.objective.kd_weight > 0:  # a teacher loaded only to generate (SeqKD) is not aligned
         check_pair(built["criterion"], built["projector"], built["aligner"], student_tok, teacher_tok, shared,
                    context["student_vocab_size"], context["teacher_vocab_size"])
         cache = open_checked(cfg, built, teacher_tok) if cfg.teacher.cache is not None else None

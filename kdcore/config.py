@@ -230,7 +230,13 @@ class Config:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.objective.kd_weight > 0
+        """Whether the run loads the teacher: for KD (``kd_weight > 0``) or because the targets
+        plugin generates with it (``Targets.needs_teacher``, e.g. SeqKD with ``kd_weight: 0``)."""
+        return self.objective.kd_weight > 0 or _targets_need_teacher(self.components.get("targets"))
+
+
+def _targets_need_teacher(targets_spec) -> bool:
+    return targets_spec is not None and bool(getattr(targets_spec.entry.cls, "needs_teacher", False))
 
 
 def read_yaml(path, what: str = "config", top_level: str = "of sections", error=ConfigError) -> Dict[str, Any]:
@@ -327,6 +333,13 @@ def validate(raw: Dict[str, Any], source: Optional[str] = None) -> Config:
         raise ConfigError("eval.seeds: give at least one seed for dev generation")
     check_strategy(sections["train"], sections["eval"])
     components = {k.name: _component(k, nodes.get(k.config_key)) for k in kinds() if k.config_key}
+    targets = components.get("targets")
+    if _targets_need_teacher(targets) and models["teacher"] is None:
+        raise ConfigError(f"teacher: missing section; targets '{targets.name}' generates with the teacher")
+    if targets is not None and getattr(targets.entry.cls, "new_sequences", False) and models["teacher"] is not None \
+            and models["teacher"].cache is not None:
+        raise ConfigError(f"teacher.cache: targets '{targets.name}' trains on generated sequences, which a stored teacher "
+                          "(outputs for the dataset's responses) cannot serve; remove teacher.cache or use targets: gold")
 
     resolved: Dict[str, Any] = {"schema_version": SCHEMA_VERSION, "plugins": plugins}
     for name in SECTIONS:

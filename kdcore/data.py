@@ -79,6 +79,12 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def with_examples(self, examples: Sequence[Example]) -> "PairDataset":
+        """The same encoding (tokenizers, limits, aligner features) of other examples: how
+        generated responses are re-tokenised by both models' tokenizers."""
+        return PairDataset(examples, self.student_tokenizer, self.teacher_tokenizer, self.max_length,
+                           self.max_prompt_length, self.pair_features)
+
     def __getitem__(self, i: int):
         ex = self.examples[i]
         item = {"student": encode_example(self.student_tokenizer, ex, self.max_length, self.max_prompt_length)}
@@ -212,7 +218,9 @@ class RunData:
             return PairDataset(examples, parts.student_tokenizer, teacher_tok, task.max_length,
                                task.max_prompt_length, features)
 
-        self.train_set = encoded(task.examples("train"))
+        targets = getattr(parts, "targets", None)  # a targets plugin may add prompt-only inputs
+        train = task.examples("train")
+        self.train_set = encoded(targets.train_examples(train) if targets is not None else train)
         eval_examples = task.examples(eval_cfg.split)
         self.eval_set = encoded(eval_examples[: eval_cfg.max_examples] if eval_cfg.max_examples else eval_examples)
         self.collate = Collator(pad_id(parts.student_tokenizer), pad_id(teacher_tok) if teacher_tok else None)
@@ -239,6 +247,11 @@ class RunData:
             if len(micro) == self.train_cfg.grad_accum:
                 yield micro
                 micro = []
+
+    def collate_examples(self, examples: Sequence[Example]) -> Dict:
+        """One micro-batch of ``examples`` encoded and collated exactly as the train set's."""
+        encoded = self.train_set.with_examples(examples)
+        return self.collate([encoded[i] for i in range(len(encoded))])
 
     def micro_batches(self, step: int) -> List[Dict]:
         """This rank's collated micro-batches of global ``step`` (what :meth:`steps` yields)."""

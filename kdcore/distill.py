@@ -3,7 +3,10 @@
     loss = (1 − α)·CE + α·(Σ_spaces KD + Σ auxiliary terms)        α = objective.kd_weight
 
 Every term is a *sum* over response tokens; the trainer divides by the token count of the
-whole global batch. The student, the projector and the aligner are one ``nn.Module`` (the
+whole global batch. A micro-batch may restrict which terms it contributes with an optional part
+``batch["terms"] = {"ce": bool, "kd": bool}`` (both true when absent): Joint-Teaching's gold
+micro-batches give CE only and its pseudo-target micro-batches KD only, so one step's loss is
+``[(1 − α)·Σ_gold CE + α·Σ_PT KD] / N_global`` with the same α. The student, the projector and the aligner are one ``nn.Module`` (the
 unit DDP wraps and checkpoints save); the teacher is held outside it (frozen, never wrapped).
 """
 
@@ -20,6 +23,7 @@ from .telemetry import NullTimer, backbone_flops, backbone_shape
 
 CE = "ce"
 LOSS = "loss"
+TERMS = "terms"  # optional batch part: {"ce": bool, "kd": bool}, the terms a micro-batch contributes
 T = TypeVar("T")
 
 
@@ -27,12 +31,16 @@ def objective(terms: Mapping[str, T], kd_weight: float, zero=0.0) -> T:
     """``(1 − α)·terms[CE] + α·Σ_{k ≠ CE} terms[k]``: the one place the loss is combined, for the
     summed terms of a micro-batch (tensors, ``zero`` a zero tensor) and for the logged means."""
     kd_total = sum((v for k, v in terms.items() if k != CE), zero)
-    return (1.0 - kd_weight) * terms[CE] + kd_weight * kd_total
+    return (1.0 - kd_weight) * terms.get(CE, zero) + kd_weight * kd_total
 
 
 def term_weight(name: str, kd_weight: float) -> float:
     """A term's weight in :func:`objective`: ``1 − α`` for CE, ``α`` for the others."""
     return (1.0 - kd_weight) if name == CE else kd_weight
+
+
+def _without_ce(name: str, kd_weight: float) -> float:
+    return 0.0 if name == CE else term_weight(name, kd_weight)
 
 
 def with_loss(metrics: Dict[str, float], term_names, kd_weight: float) -> Dict[str, float]:
@@ -43,11 +51,13 @@ def with_loss(metrics: Dict[str, float], term_names, kd_weight: float) -> Dict[s
 
 
 def move(batch, device):
-    """Copy a collated batch (``{part: {name: tensor}}``) to ``device``, keeping shared parts shared."""
+    """Copy a collated batch (``{part: {name: tensor}}``) to ``device``, keeping shared parts shared
+    (plain values, such as the flags of a ``terms`` part, pass as they are)."""
     moved = {}
     for part, tensors in batch.items():
         same = next((moved[p] for p in moved if batch[p] is tensors), None)
-        moved[part] = same if same is not None else {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        moved[part] = same if same is not None else {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
     return moved
 
 
@@ -129,13 +139,15 @@ class DistillModule(nn.Module):
             self._shapes[id(model)] = backbone_shape(model)
         return self._shapes[id(model)]
 
-    def terms(self, batch, weights: Optional[Callable[[str], float]] = None
+    def terms(self, batch, weights: Optional[Callable[[str], float]] = None, kd: bool = True, ce: bool = True
               ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Tuple[torch.Tensor, int]]]:
         """Every loss term of a micro-batch as a sum with its graph, plus accuracy counts.
 
         ``weights``: the objective's term weight of a name, when the terms will only be combined by
         :func:`objective` (one combined gradient per space); without them every term can be
-        differentiated on its own."""
+        differentiated on its own. ``kd=False``: no teacher forward and no KD space (CE only);
+        ``ce=False``: no CE term (a CE a space computes on the way is dropped, and its weight
+        must then be 0)."""
         s_batch, training = batch["student"], torch.is_grad_enabled()
         with self.timer.section("student_forward"):
             h_s = last_hidden(self.student, s_batch)
@@ -143,7 +155,7 @@ class DistillModule(nn.Module):
         flops = backbone_flops(self._shape(self.student), s_batch["attention_mask"], training)
         terms: Dict[str, torch.Tensor] = {}
         counts: Dict[str, Tuple[torch.Tensor, int]] = {}
-        if self.kd_weight > 0 and (self.teacher is not None or self.teacher_cache is not None):
+        if kd and self.kd_weight > 0 and (self.teacher is not None or self.teacher_cache is not None):
             if self.teacher_cache is None:
                 with self.timer.section("teacher_forward"), torch.no_grad():
                     h_t = last_hidden(self.teacher, batch["teacher"])
@@ -162,7 +174,9 @@ class DistillModule(nn.Module):
                     for key, value in losses.items():
                         terms[key] = terms[key] + value if key in terms else value
                     counts.update(accs)
-        if CE not in terms:
+        if not ce:
+            terms.pop(CE, None)
+        elif CE not in terms:
             rows = student.mask
             with self.timer.section("kd_loss"):
                 terms[CE] = cross_entropy_sum(h_s[rows], student.head, student.labels[rows], self.chunk_size)
@@ -171,6 +185,12 @@ class DistillModule(nn.Module):
         return terms, counts
 
     def forward(self, batch) -> StepOutput:
-        terms, counts = self.terms(batch, weights=functools.partial(term_weight, kd_weight=self.kd_weight))
-        loss = objective(terms, self.kd_weight, zero=torch.zeros((), device=terms[CE].device))
+        use = batch.get(TERMS) or {}
+        kd, ce = bool(use.get("kd", True)), bool(use.get(CE, True))
+        weight = functools.partial(term_weight, kd_weight=self.kd_weight)
+        if not ce:  # a CE computed inside a space (shared pass) then gets no gradient
+            weight = functools.partial(_without_ce, kd_weight=self.kd_weight)
+        terms, counts = self.terms(batch, weights=weight, kd=kd, ce=ce)
+        device = next(iter(terms.values())).device if terms else batch["student"]["input_ids"].device
+        loss = objective(terms, self.kd_weight, zero=torch.zeros((), device=device))
         return StepOutput(loss, {k: v.detach() for k, v in terms.items()}, counts)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,12 +84,19 @@ def left_pad(rows: Sequence[List[int]], pad: int):
     return ids, mask
 
 
-def hf_generation_config(settings: GenerationSettings, eos_id: int):
-    """The ``transformers.GenerationConfig`` of ``settings`` (eos is the stop and the pad id)."""
+def hf_generation_config(settings: GenerationSettings, eos_id: int, num_beams: int = 1, num_return_sequences: int = 1):
+    """The ``transformers.GenerationConfig`` of ``settings`` (eos is the stop and the pad id).
+    ``num_beams > 1`` is beam search (deterministic; ``settings.do_sample`` must be False), returning
+    the ``num_return_sequences`` best beams; with sampling, that many independent samples."""
     from transformers import GenerationConfig
 
+    if num_beams > 1 and settings.do_sample:
+        raise ValueError("beam search (num_beams > 1) does not sample; use GenerationSettings.greedy(...)")
     common = dict(max_new_tokens=settings.max_new_tokens, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                  repetition_penalty=1.0, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True, num_beams=1)
+                  repetition_penalty=1.0, eos_token_id=eos_id, pad_token_id=eos_id, use_cache=True, num_beams=num_beams,
+                  num_return_sequences=num_return_sequences)
+    if num_beams > 1:
+        return GenerationConfig(do_sample=False, early_stopping=True, **common)
     if settings.do_sample:
         return GenerationConfig(do_sample=True, top_k=settings.top_k, top_p=settings.top_p,
                                 temperature=settings.temperature, **common)
@@ -140,6 +147,29 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: Optional[Genera
     Runs on the model's device, under bf16 autocast on CUDA. ``torch.manual_seed(seed)`` is
     called first, so a fixed seed reproduces the outputs.
     """
+    outputs, _ = generate_sequences(model, tokenizer, prompts, settings, seed=seed, progress=progress, desc=desc)
+    return [o[0] for o in outputs]
+
+
+def new_token_count(tokens: Sequence[int], eos_id: int) -> int:
+    """Tokens a model generated in one row of ``generate``'s new tokens: up to and including the
+    first eos (eos is also the pad id, so what follows it is padding)."""
+    try:
+        return tokens.index(eos_id) + 1
+    except ValueError:
+        return len(tokens)
+
+
+def generate_sequences(model, tokenizer, prompts: Sequence[str], settings: Optional[GenerationSettings] = None,
+                       seed: int = 10, num_return_sequences: int = 1, num_beams: int = 1, progress: bool = True,
+                       desc: str = "generate") -> Tuple[List[List[str]], int]:
+    """``num_return_sequences`` post-processed responses per prompt (``[len(prompts)][K]``) and the
+    number of tokens generated in all (:func:`new_token_count` summed, for tokens/s).
+
+    Prompts are encoded as in training, left-padded and batched longest first; generation uses
+    the KV cache and stops at eos. ``num_beams > 1`` is beam search (the K best beams) and needs
+    ``settings.do_sample`` False. ``torch.manual_seed(seed)`` is called first.
+    """
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
@@ -147,11 +177,12 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: Optional[Genera
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; generation cannot stop")
     device = next(model.parameters()).device
-    gen_config = hf_generation_config(settings, tokenizer.eos_token_id)
+    k = num_return_sequences
+    gen_config = hf_generation_config(settings, tokenizer.eos_token_id, num_beams, k)
     encoded = [encode_prompt(tokenizer, p, settings.max_prompt_length) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    outputs: List[Optional[str]] = [None] * len(encoded)
-    pad = pad_id(tokenizer)
+    outputs: List[Optional[List[str]]] = [None] * len(encoded)
+    pad, generated = pad_id(tokenizer), 0
 
     torch.manual_seed(seed)
     with _protocol_mode(model), torch.no_grad(), _autocast(device), \
@@ -160,8 +191,10 @@ def generate(model, tokenizer, prompts: Sequence[str], settings: Optional[Genera
             batch = order[start:start + settings.batch_size]
             ids, mask = left_pad([encoded[i] for i in batch], pad)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config)
-            new_tokens = out[:, ids.shape[1]:].tolist()
-            for i, tokens in zip(batch, new_tokens):
-                outputs[i] = postprocess(tokenizer.decode(tokens, skip_special_tokens=True))
+            new_tokens = out[:, ids.shape[1]:].tolist()  # [len(batch) * K, new], the K rows of a prompt adjacent
+            for j, i in enumerate(batch):
+                rows = new_tokens[j * k:(j + 1) * k]
+                generated += sum(new_token_count(r, tokenizer.eos_token_id) for r in rows)
+                outputs[i] = [postprocess(tokenizer.decode(r, skip_special_tokens=True)) for r in rows]
             bar.update(len(batch))
-    return outputs  # type: ignore[return-value]
+    return outputs, generated  # type: ignore[return-value]

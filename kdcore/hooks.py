@@ -21,7 +21,10 @@ class RunContext:
     tokenizers, the device and process, the output directory and the current step.
 
     ``student_model`` is the trained model (the tuner's, not wrapped by DDP); ``teacher_model``
-    is ``None`` for SFT. ``components`` maps each kind to its built component(s).
+    is ``None`` for SFT. ``components`` maps each kind to its built component(s). ``data`` is the
+    run's :class:`kdcore.data.RunData` (``data.plan().micro_batches(step)`` are the example indices
+    of a step's micro-batches); ``timer`` the run's time split (a ``generation`` section is
+    reported apart from training time).
     """
 
     def __init__(self, trainer):
@@ -40,6 +43,8 @@ class RunContext:
     total_steps = property(lambda self: self._trainer.total_steps)
     output_dir = property(lambda self: Path(self._trainer.out))
     task = property(lambda self: self._trainer.parts.by_kind["task"])
+    data = property(lambda self: self._trainer.data)  # kdcore.data.RunData: train set, batch plan, collator
+    timer = property(lambda self: self._trainer.timer)  # kdcore.telemetry.Timer: the run's time split
 
 
 def implements_hooks(obj: Any) -> bool:

@@ -28,6 +28,7 @@ class MetricSums:
         self._num: Dict[str, Number] = {}
         self._den: Dict[str, Number] = {}
         self.term_names: set = set()  # the loss terms among the names (the objective's inputs)
+        self._term_tokens: Number = 0  # tokens of every batch that added terms: the terms' shared denominator
 
     def add(self, name: str, numerator: Number, denominator: Number) -> None:
         if isinstance(numerator, torch.Tensor):
@@ -36,10 +37,15 @@ class MetricSums:
         self._den[name] = self._den.get(name, 0) + denominator
 
     def add_terms(self, terms: Mapping[str, torch.Tensor], tokens: Number) -> None:
-        """Loss terms (sums over tokens), each normalised by the student response ``tokens``."""
+        """Loss terms (sums over tokens), normalised by the student response ``tokens``. Every
+        loss term shares one denominator, the tokens of all the batches that added terms, as the
+        trainer's normalisation does: a term that a micro-batch does not contribute (the gold CE
+        of a pseudo-target micro-batch under Joint-Teaching) counts as 0 there, so the logged
+        ``loss`` is the optimised one."""
         for name, value in terms.items():
             self.add(name, value, tokens)
         self.term_names.update(terms)
+        self._term_tokens = self._term_tokens + tokens
 
     def add_ratios(self, ratios: Mapping[str, Tuple[Number, Number]]) -> None:
         """``{name: (numerator, denominator)}``, e.g. accuracies as (correct, rows)."""
@@ -53,6 +59,8 @@ class MetricSums:
         names = self._agree_names(dist) if dist.enabled else sorted(self._num)
         if not names:
             return {}
+        for name in self.term_names:
+            self._den[name] = self._term_tokens
         flat = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
                             for name in names for v in (self._num[name], self._den[name])])
         flat = all_reduce_sum(flat.to(device), dist).cpu()

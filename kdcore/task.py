@@ -43,7 +43,7 @@ class Task:
 
     def num_examples(self, split: str) -> int:
         """How many examples ``split`` has, for ``--validate``: reads the data (so a malformed
-        file is reported) but may skip expensive work (a SeqKD task's generations)."""
+        file is reported) but may skip expensive work (generated responses, say)."""
         return len(self.examples(split))
 
     def check(self) -> None:

@@ -234,7 +234,7 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
     from .models import freeze, load_model, load_tokenizer
 
     dist = dist or DistInfo()
-    if not cfg.uses_teacher:
+    if cfg.objective.kd_weight <= 0:  # (a teacher loaded only to generate pseudo-targets is no KD teacher)
         raise ConfigError("kd-cache: the config uses no teacher (objective.kd_weight is 0)")
     if settings.dtype not in DTYPES:
         raise ConfigError(f"kd-cache: dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")

@@ -91,6 +91,14 @@ class Trainer:
         self.step, self.run, self.log, self.hooks, self.preempted = 0, RunContext(self), None, None, False
 
     def train(self) -> Dict[str, float]:
+        try:
+            return self._train()
+        except BaseException:
+            if self.hooks is not None:  # a failed run's components must not stay hooked into later runs of the process
+                self.hooks.close()
+            raise
+
+    def _train(self) -> Dict[str, float]:
         self._start()
         last_eval: Dict[str, float] = {}
         steps = iter(self.data.steps(self.step, self.total_steps))

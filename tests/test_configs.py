@@ -38,6 +38,5 @@ def test_config_validates(path, repo_like_cwd, monkeypatch):
         notes = validate_models(cfg)
     except DataError as exc:
         assert "data file not found: data/dolly/" in str(exc) and not Path("data/dolly/train.jsonl").exists()
-        key = "task.source.files" if cfg.task.name == "seqkd" else "task.files"
-        notes = validate_models(load_config(path, [f"{key}={COMMITTED}"]))
+        notes = validate_models(load_config(path, [f"task.files={COMMITTED}"]))
     assert notes

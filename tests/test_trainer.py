@@ -260,29 +260,6 @@ def test_select_by_rouge_needs_generation(make_config):
         load_config(make_config({"eval": {"select_by": "rouge_l"}}))
 
 
-def test_seqkd_generates_once_resumes_and_trains(make_config, tmp_path, tiny_dir):
-    from kdcore_tasks.seqkd import read_cache
-
-    task = {"name": "seqkd", "source": {"name": "instruction", "data_dir": str(__import__("conftest").DATA_DIR),
-                                        "max_length": 96, "max_prompt_length": 64, "max_examples": 10},
-            "teacher": {"path": str(tiny_dir / "teacher")}, "cache_dir": str(tmp_path / "cache"),
-            "max_new_tokens": 4, "block_size": 4, "batch_size": 4}
-    path = make_config({"task": task, "teacher": None, "objective": {"kd_weight": 0.0},
-                        "train": {"max_steps": 1, "micro_batch_size": 2}})
-    cfg = load_config(path)
-    seqkd = cfg.task.build()
-    cache = seqkd.cache_file([e.prompt for e in seqkd.source.examples("train")])
-    full = [e.response for e in seqkd.examples("train")]
-    assert cache.is_file() and len(read_cache(cache)) == 10
-    # an interrupted generation (only the first block on disk) resumes to the same responses
-    lines = cache.read_text().splitlines(keepends=True)
-    cache.write_text("".join(lines[:4]))
-    again = cfg.task.build()
-    assert [e.response for e in again.examples("train")] == full
-    assert again.examples("valid")[0].response == seqkd.source.examples("valid")[0].response
-    assert main(["--config", str(path)]) == 0
-
-
 def test_test_split_rouge_before_after_and_teacher(make_config, tmp_path, capsys):
     path = make_config({"eval": {"max_examples": 4, "test_split": "test", "greedy": True, "max_new_tokens": 3},
                         "task": {"max_examples": 8}})
