@@ -44,10 +44,15 @@ A configuration is skipped, printing ``skipped (est. X GB)``, when its estimated
 memory (inputs plus a per-criterion multiple of the ``[rows, V]`` float32 size, calibrated on
 this script's own measurements) exceeds ``--max-gb``.
 
+``--criterion-level`` compares implementations of each criterion on ``[N, V]`` logits;
+``--aligner-level`` measures each cross-vocabulary aligner's KD loss (:func:`aligner_worker`)
+next to the same-vocabulary path, with the same peak measurement.
+
 Examples::
 
     python tools/bench_losses.py --criteria fkl --vocab 151936 --tokens 4096
     python tools/bench_losses.py --vocab 50257 151936 --tokens 512 4096 --repeats 1
+    python tools/bench_losses.py --aligner-level --vocab 151936 --teacher-vocab 152064 --tokens 4096 --repeats 1
 """
 
 from __future__ import annotations
