@@ -475,6 +475,24 @@ class CachedTopK(Criterion):
         return (s - t).abs().sum(-1) + (rest_s - tail_t.exp()).abs()
 
 
+def charges_unmapped_mass(criterion) -> bool:
+    """Whether ``criterion.divergence`` values a teacher token of online MinED's finite fill logit
+    (−1e5, softmax probability 0 in float32) differently from a −inf one, which the cache's
+    buckets produce for student tokens without a teacher image. Probe: a uniform student over 4
+    tokens against a teacher with half of its mass on each of the first two (the last two at the
+    fill, or −inf); reverse-KL terms give ~1e5/T vs a finite value, forward terms the same."""
+    from kdcore_plugins.aligners.mined import FILL
+
+    t = float(getattr(criterion, "temperature", 1.0))
+    log_s = torch.full((1, 4), -float(np.log(4.0)))
+    half = -float(np.log(2.0))
+    dropped = torch.tensor([[half, half, float("-inf"), float("-inf")]])
+    filled = torch.log_softmax(torch.tensor([[0.0, 0.0, FILL, FILL]]) / t, -1)
+    with torch.no_grad():
+        a, b = criterion.divergence(log_s, dropped), criterion.divergence(log_s, filled)
+    return not torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 class TeacherCache:
     """A cache directory opened for reading: the manifest, the content-hash index, shard rows."""
 
@@ -599,6 +617,12 @@ class TeacherCache:
                 and type(criterion).divergence is not TemperedDivergence.divergence):
             problems.append(f"criterion '{getattr(criterion, 'name', criterion)}': a cached teacher needs a criterion of the "
                             "tempered-divergence family (one with divergence(log_p_s, log_p_t))")
+        elif aligner.name == "mined" and charges_unmapped_mass(criterion):
+            problems.append(f"criterion '{criterion.name}' with aligner 'mined': online MinED gives student tokens without a "
+                            "teacher image (and every non-gold token at unaligned positions) a finite teacher logit of "
+                            "−1e5, which this criterion charges at ~1e5/T per unit of student mass there (reverse-KL "
+                            "terms); the cache drops those columns, so the cached loss would be another objective. Use a criterion that ignores "
+                            "zero-probability teacher tokens (fkl, jsd, skl, srkl, tvd, ce) or the online teacher")
         if projector.name != "none" or aligner.name not in SUPPORTED_ALIGNERS:
             problems.append(f"projector '{projector.name}' with aligner '{aligner.name}': a top-k teacher cache serves "
                             f"projector 'none' with aligner {', '.join(map(repr, SUPPORTED_ALIGNERS))} (and, with "

@@ -160,6 +160,7 @@ def cross_config(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize("aligner,criterion,temperature", [("mined", "fkl", 2.0), ("mined", "jsd", 1.0),
                                                            ("mined", "srkl", 2.0), ("mined", "tvd", 1.0),
+                                                           ("mined", "skl", 2.0), ("mined", "ce", 1.0),
                                                            ("uld", "uld", 1.0), ("uld", "uld", 2.0)])
 def test_full_k_equals_online_cross_tokenizer(aligner, criterion, temperature, cross_config, tmp_path):
     config = cross_config(aligner, criterion, temperature)
@@ -398,3 +399,18 @@ def test_hidden_states_missing_or_unusable_is_one_clear_error(same_config, small
     (out / "teacher_tables.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"teacher_tables.safetensors is missing"):
         loss_and_grads(config, f"teacher.cache={out}")
+
+
+@pytest.mark.parametrize("criterion", ["rkl", "akl"])
+def test_mined_reverse_kl_is_refused(criterion, cross_config, tmp_path):
+    """Online MinED's finite −1e5 fill logit makes reverse-KL terms charge ~1e5/T per unit of student
+    mass on tokens without a teacher image; the cache cannot reproduce that, so it refuses."""
+    from kdcore.teacher_cache import charges_unmapped_mass
+    from kdcore import build as build_component
+
+    config = cross_config("mined", criterion, 2.0)
+    out = build(config, tmp_path / "c", k=8, temperatures=(2.0,))
+    with pytest.raises(ConfigError, match=rf"criterion '{criterion}' with aligner 'mined': online MinED .* −1e5"):
+        build_components(load_config(config, [f"teacher.cache={out}"]), load_weights=False)
+    assert not any(charges_unmapped_mass(build_component("criterion", {"name": name, "temperature": 2.0}))
+                   for name in ("fkl", "jsd", "skl", "srkl", "tvd", "ce"))
