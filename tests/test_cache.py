@@ -414,3 +414,17 @@ def test_mined_reverse_kl_is_refused(criterion, cross_config, tmp_path):
         build_components(load_config(config, [f"teacher.cache={out}"]), load_weights=False)
     assert not any(charges_unmapped_mass(build_component("criterion", {"name": name, "temperature": 2.0}))
                    for name in ("fkl", "jsd", "skl", "srkl", "tvd", "ce"))
+
+
+def test_one_hidden_cache_serves_projector_none_and_dskd(same_config, tmp_path, capsys):
+    """``kd-cache --hidden`` on a projector-none config: the same cache serves the top-k path and
+    DSKD with ``init: pinv`` (prepare reads the cached teacher head, so the projections start equal
+    without copying them)."""
+    out = tmp_path / "c"
+    assert kd_cache(["--config", str(same_config), "--out", str(out), "--k", "600", "--temperatures", "2.0", "--dtype", "float32",
+                     "--hidden", "--hidden-dtype", "float32", "--shard-size", "16", "--batch-size", "4"]) == 0
+    assert "hidden states float32" in capsys.readouterr().out
+    assert_same(loss_and_grads(same_config), loss_and_grads(same_config, f"teacher.cache={out}"))
+    dual = "projector={name: dual, init: pinv}"
+    assert_same(loss_and_grads(same_config, dual), loss_and_grads(same_config, dual, f"teacher.cache={out}"),
+                rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
