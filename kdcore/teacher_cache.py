@@ -41,8 +41,9 @@ unaligned positions get the one-hot gold target, as online).
 Hidden states (DSKD projectors ``student_space``/``teacher_space``/``dual`` and the ``cma``
 aligner, the components with ``uses_teacher_states``): kd-cache then also stores, per response
 token, ``hidden[D]`` (the teacher's last hidden state, bfloat16 by default or float32), and once
-per cache ``teacher_tables.safetensors`` with the head ``lm_head.weight[V_t, D]`` (and bias) and
-the input embeddings ``embed_tokens.weight[V_t, D]`` in the teacher's dtype. A run rebuilds the
+per cache ``teacher_tables.safetensors`` with the input embeddings ``embed_tokens.weight[V_t, D]``
+and the head ``lm_head.weight[V_t, D]`` (omitted when tied to the embeddings) and bias, in the
+teacher's dtype. A run rebuilds the
 teacher's :class:`~kdcore.kdspace.ModelSide` from them (hidden ``[B, L_t, D]`` with zeros outside
 the response, which no space reads: identity takes response rows, CMA's attention gives them
 weight exp(−1e5) = 0 and its ``norm: response`` std covers response rows only) and runs the
@@ -354,11 +355,12 @@ def _save_tables(model, target: Path) -> None:
     from safetensors.torch import save_file
 
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    tensors = {"lm_head.weight": head.weight, "embed_tokens.weight": embed.weight}
+    tensors = {"embed_tokens.weight": embed.weight}
+    if head.weight.data_ptr() != embed.weight.data_ptr():  # a tied head is stored once (the reader reuses it)
+        tensors["lm_head.weight"] = head.weight
     if getattr(head, "bias", None) is not None:
         tensors["lm_head.bias"] = head.bias
-    # clones: a tied head and embedding share storage, which safetensors refuses to save twice
-    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     tmp = target.with_name(f".tmp-{target.name}")
     save_file(tensors, str(tmp))
     os.replace(tmp, target)
@@ -743,7 +745,7 @@ class CachedTeacher(torch.nn.Module):
     def __init__(self, config, tables: Mapping[str, torch.Tensor]):
         super().__init__()
         self.config = config
-        weight, bias = tables["lm_head.weight"], tables.get("lm_head.bias")
+        weight, bias = tables.get("lm_head.weight", tables["embed_tokens.weight"]), tables.get("lm_head.bias")
         self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
         if bias is not None:

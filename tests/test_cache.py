@@ -348,7 +348,7 @@ def test_hidden_states_equal_online_dskd(projector, same_config, tmp_path):
     out = build(same_config, tmp_path / "c", proj, hidden_dtype="float32")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["hidden"]["size"] == 48 and manifest["hidden"]["dtype"] == "float32"
-    assert manifest["hidden"]["table_shapes"] == {"lm_head.weight": [512, 48], "embed_tokens.weight": [512, 48]}
+    assert manifest["hidden"]["table_shapes"] == {"embed_tokens.weight": [512, 48]}  # the tiny teacher's head is tied
     modules = []
     online = loss_and_grads(same_config, proj, like=modules)
     cached = loss_and_grads(same_config, proj, f"teacher.cache={out}", like=modules)
@@ -428,3 +428,21 @@ def test_one_hidden_cache_serves_projector_none_and_dskd(same_config, tmp_path, 
     dual = "projector={name: dual, init: pinv}"
     assert_same(loss_and_grads(same_config, dual), loss_and_grads(same_config, dual, f"teacher.cache={out}"),
                 rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
+
+
+def test_untied_teacher_head_is_stored(make_config, tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kdcore.tiny import tiny_causal_lm
+
+    tiny_causal_lm(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")), tmp_path / "untied", hidden=48,
+                   layers=2, seed=5, tie=False)
+    config = make_config({"task": {"max_examples": 24}, "teacher": {"path": str(tmp_path / "untied")},
+                          "projector": "teacher_space"}, name="untied.yaml")
+    out = build(config, tmp_path / "c", hidden_dtype="float32")
+    shapes = json.loads((out / "manifest.json").read_text())["hidden"]["table_shapes"]
+    assert shapes == {"embed_tokens.weight": [512, 48], "lm_head.weight": [512, 48]}
+    modules = []
+    online = loss_and_grads(config, like=modules)
+    cached = loss_and_grads(config, f"teacher.cache={out}", like=modules)
+    assert_same(online, cached, rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
