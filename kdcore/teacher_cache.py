@@ -271,7 +271,8 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
     if settings.dtype not in DTYPES:
         raise ConfigError(f"kd-cache: dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
     if settings.hidden_dtype not in ("bfloat16", "float32"):
-        raise ConfigError(f"kd-cache: the hidden-state dtype must be bfloat16 or float32, got {settings.hidden_dtype!r}")
+        raise ConfigError("kd-cache: the hidden-state dtype must be bfloat16 or float32, "
+                          f"got {settings.hidden_dtype!r}")
     if settings.k < 1 or settings.shard_size < 1 or settings.batch_size < 1 or not settings.temperatures \
             or any(t <= 0 for t in settings.temperatures):
         raise ConfigError("kd-cache: k, shard size and batch size must be >= 1 and temperatures > 0")
@@ -577,7 +578,8 @@ class TeacherCache:
                             f"{len(teacher_tokenizer)} tokens) is not the cache's ({m['tokenizer']['class']}, "
                             f"{m['tokenizer']['size']} tokens)")
         self.uses_states = bool(projector.uses_teacher_states or aligner.uses_teacher_states)
-        problems += self._check_states(projector, aligner) if self.uses_states else self._check_top_k(cfg, criterion, projector, aligner)
+        problems += (self._check_states(projector, aligner) if self.uses_states
+                     else self._check_top_k(cfg, criterion, projector, aligner))
         if m.get("precision") != cfg.train.precision:
             problems.append(f"train.precision: the cache was computed under {m.get('precision')!r}, config {cfg.train.precision!r}")
         splits = {"train": "train", cfg.eval.split: "eval.split"}
@@ -620,11 +622,12 @@ class TeacherCache:
             problems.append(f"criterion '{getattr(criterion, 'name', criterion)}': a cached teacher needs a criterion of the "
                             "tempered-divergence family (one with divergence(log_p_s, log_p_t))")
         elif aligner.name == "mined" and charges_unmapped_mass(criterion):
-            problems.append(f"criterion '{criterion.name}' with aligner 'mined': online MinED gives student tokens without a "
-                            "teacher image (and every non-gold token at unaligned positions) a finite teacher logit of "
-                            "−1e5, which this criterion charges at ~1e5/T per unit of student mass there (reverse-KL "
-                            "terms); the cache drops those columns, so the cached loss would be another objective. Use a criterion that ignores "
-                            "zero-probability teacher tokens (fkl, jsd, skl, srkl, tvd, ce) or the online teacher")
+            problems.append(f"criterion '{criterion.name}' with aligner 'mined': online MinED gives student tokens "
+                            "without a teacher image (and every non-gold token at unaligned positions) a finite "
+                            "teacher logit of −1e5, which this criterion charges at ~1e5/T per unit of student mass "
+                            "there (reverse-KL terms); the cache drops those columns, so the cached loss would be "
+                            "another objective. Use a criterion that ignores zero-probability teacher tokens (fkl, "
+                            "jsd, skl, srkl, tvd, ce) or the online teacher")
         if projector.name != "none" or aligner.name not in SUPPORTED_ALIGNERS:
             problems.append(f"projector '{projector.name}' with aligner '{aligner.name}': a top-k teacher cache serves "
                             f"projector 'none' with aligner {', '.join(map(repr, SUPPORTED_ALIGNERS))} (and, with "
@@ -666,7 +669,8 @@ class TeacherCache:
 
         model = self.stand_in
         weight = model.lm_head.weight
-        hidden = self._scatter(teacher_batch, int(self.hidden["size"]), weight.dtype, lambda shard, lo, hi: shard["hidden"][lo:hi])
+        hidden = self._scatter(teacher_batch, int(self.hidden["size"]), weight.dtype,
+                               lambda shard, lo, hi: shard["hidden"][lo:hi])
         return ModelSide(hidden=hidden.to(weight.device), head=Head.of(model).detached(),
                          input_ids=teacher_batch["input_ids"], labels=teacher_batch["labels"],
                          attention_mask=teacher_batch["attention_mask"], embeddings=model.get_input_embeddings())
