@@ -85,6 +85,7 @@ def test_round_trip_matches_the_teacher(same_config, tmp_path, tiny_dir):
     out = build(same_config, tmp_path / "c", k=8, temperatures=(1.0, 2.0), dtype="float32")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["k"] == 8 and manifest["temperatures"] == [1.0, 2.0]
+    assert manifest["hidden"] is None and not (out / "teacher_tables.safetensors").exists()  # projector none
     assert manifest["splits"]["train"]["examples"] == 24 and manifest["splits"]["train"]["shards"] == 2
     assert (out / "tokenizer").is_dir() and (out / "teacher_config" / "config.json").is_file()
     cfg = load_config(same_config)
