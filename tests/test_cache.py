@@ -282,6 +282,21 @@ def test_interrupted_build_resumes(same_config, tmp_path, monkeypatch):
     assert TeacherCache(out).k_stored == 16
 
 
+def test_interrupted_hidden_build_resumes(same_config, tmp_path):
+    """Resuming a cache with hidden states: the remaining shards and the tables (written once,
+    rebuilt if they were lost) end up identical to an uninterrupted build."""
+    out = build(same_config, tmp_path / "cut", "projector=dual", stop_after=1)
+    assert (out / "teacher_tables.safetensors").is_file()
+    (out / "teacher_tables.safetensors").unlink()
+    build(same_config, out, "projector=dual")
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    fresh = build(same_config, tmp_path / "fresh", "projector=dual")
+    for name in [p.name for p in sorted(fresh.glob("*.safetensors"))]:
+        a, b = load_file(str(fresh / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), name
+    assert "hidden" in load_file(str(out / "valid-00000.safetensors"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
