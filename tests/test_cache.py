@@ -230,6 +230,24 @@ def test_cache_alone_needs_no_teacher_directory(teacherless):
     assert parts.teacher_model is None and parts.teacher_cache is not None
 
 
+def test_dskd_cache_alone_needs_no_teacher_directory(same_config, tmp_path, tiny_dir):
+    """DSKD dual from a cache whose teacher directory is gone: hidden states, head and embeddings
+    all come from the cache; one training step runs."""
+    import shutil
+
+    copy = tmp_path / "teacher_copy"
+    shutil.copytree(tiny_dir / "teacher", copy)
+    cache = build(same_config, tmp_path / "c-copy", f"teacher.path={copy}", "projector=dual")
+    shutil.rmtree(copy)
+    raw = yaml.safe_load(same_config.read_text())
+    raw.update(teacher={"cache": str(cache)}, projector="dual")
+    path = tmp_path / "dual-cache-only.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    terms, grads = loss_and_grads(path)
+    assert {"ce", "kd_student", "kd_teacher", "t2s_ce"} <= set(terms) and all(torch.isfinite(v) for v in terms.values())
+    assert any(name.startswith("projector.s2t") for name in grads)
+
+
 def test_cli_errors(same_config, small_cache, tmp_path, capsys):
     from kdcore.cli import main as kd_train
 
