@@ -52,6 +52,7 @@ class Aligner(nn.Module):
     requires_same_tokenizer: ClassVar[bool] = False
     projectors: ClassVar[Optional[FrozenSet[str]]] = None
     maps_vocabulary: ClassVar[bool] = False
+    uses_teacher_states: ClassVar[bool] = False  # as Projector.uses_teacher_states (kdcore.teacher_cache)
 
     def align(self, student, teacher, extras: Optional[Dict[str, torch.Tensor]] = None) -> Alignment:
         """Alignment for one batch, from both models' :class:`~kdcore.kdspace.ModelSide`."""

@@ -1,7 +1,8 @@
 """``kd-cache``: run a config's teacher once and store its top-k outputs (kdcore.teacher_cache).
 
     kd-cache --config FILE [--out DIR] [--k 64] [--temperatures 2.0 ...] [--dtype float16]
-             [--splits train valid] [--shard-size 256] [--batch-size N] [--overwrite] [key.sub=value ...]
+             [--splits train valid] [--shard-size 256] [--batch-size N] [--[no-]hidden] [--hidden-dtype bfloat16]
+             [--overwrite] [key.sub=value ...]
     torchrun --nproc_per_node N -m kdcore.cache_cli --config FILE ...   (each rank writes its shards)
 
 Then train with ``teacher: {cache: DIR}`` (or the override ``teacher.cache=DIR``). Running the same
@@ -30,6 +31,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", help="splits to cache (default: train and the config's eval.split)")
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard file (default 256)")
     p.add_argument("--batch-size", type=int, help="sequences per teacher forward (default: eval.batch_size)")
+    p.add_argument("--hidden", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store the teacher's last hidden states per response token and its head and embedding "
+                        "tables once (default: when the config's projector or aligner needs them: DSKD, CMA)")
+    p.add_argument("--hidden-dtype", default="bfloat16", help="dtype of the stored hidden states: bfloat16 "
+                                                             "(default) or float32")
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache that holds other settings")
     return p
 
@@ -44,7 +50,8 @@ def run(args) -> int:
     splits = tuple(dict.fromkeys(args.splits or ["train", cfg.eval.split]))
     settings = CacheSettings(k=args.k, temperatures=tuple(args.temperatures or default_temperatures(cfg)),
                              dtype=args.dtype, shard_size=args.shard_size, splits=splits,
-                             batch_size=args.batch_size or cfg.eval.batch_size)
+                             batch_size=args.batch_size or cfg.eval.batch_size, hidden=args.hidden,
+                             hidden_dtype=args.hidden_dtype)
     info = init_distributed()
     try:
         build_cache(cfg, out, settings, info, overwrite=args.overwrite)
@@ -56,8 +63,11 @@ def run(args) -> int:
         manifest = json.loads((out / "manifest.json").read_text())
         sizes = ", ".join(f"{s}: {v['examples']} sequences, {v['tokens']} tokens, {v['bytes_per_token']} bytes/token"
                           for s, v in manifest["splits"].items())
+        hidden = manifest.get("hidden")
+        states = (f"; hidden states {hidden['dtype']} ({hidden['bytes_per_token']} of the bytes/token) and head + "
+                  f"embedding tables ({hidden['table_bytes']} bytes once)") if hidden else ""
         print(f"teacher cache written to {out} (k={settings.k}, T={list(settings.temperatures)}, {settings.dtype}; "
-              f"{sizes}); train with teacher.cache={out}")
+              f"{sizes}{states}); train with teacher.cache={out}")
     return 0
 
 

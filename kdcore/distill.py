@@ -115,10 +115,13 @@ class DistillModule(nn.Module):
     def for_run(cls, parts, objective_cfg, device) -> "DistillModule":
         """The module of a run's components on ``device``; the teacher moves there too and the
         projector and aligner see both loaded models once (``prepare``)."""
-        if parts.teacher_model is not None:
-            parts.teacher_model.to(device)
-            parts.projector.prepare(parts.student_model, parts.teacher_model)
-            parts.aligner.prepare(parts.student_model, parts.teacher_model)
+        teacher = parts.teacher_model
+        if teacher is None and parts.teacher_cache is not None and parts.teacher_cache.uses_states:
+            teacher = parts.teacher_cache.stand_in  # the cached head and embeddings (kdcore.teacher_cache)
+        if teacher is not None:
+            teacher.to(device)
+            parts.projector.prepare(parts.student_model, teacher)
+            parts.aligner.prepare(parts.student_model, teacher)
         module = cls(parts.student_model, parts.projector, parts.aligner, parts.criterion, objective_cfg.kd_weight,
                      objective_cfg.chunk_size, parts.teacher_model).to(device)
         module.fused = objective_cfg.fused
@@ -163,8 +166,8 @@ class DistillModule(nn.Module):
                 teacher = self.side(self.teacher, batch["teacher"], h_t)
                 teacher.head = teacher.head.detached()
             with self.timer.section("kd_loss"):
-                if self.teacher_cache is not None:  # stored top-k instead of a forward (kdcore.teacher_cache)
-                    spaces = self.teacher_cache.spaces(student, batch, self.aligner, self.criterion)
+                if self.teacher_cache is not None:  # stored outputs instead of a forward (kdcore.teacher_cache)
+                    spaces = self.teacher_cache.spaces(student, batch, self.aligner, self.criterion, self.projector)
                 else:
                     spaces = self.projector.spaces(student, teacher, self.aligner.align(student, teacher, batch.get("align")),
                                                    self.criterion)

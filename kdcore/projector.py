@@ -19,6 +19,9 @@ class Projector(nn.Module):
     """
 
     name: ClassVar[str]
+    # reads the teacher's hidden states, head or embeddings (not only its logits): a teacher cache
+    # must hold them (kd-cache stores them when the config's projector or aligner sets this)
+    uses_teacher_states: ClassVar[bool] = False
 
     def spaces(self, student: ModelSide, teacher: ModelSide, alignment, criterion) -> List[Space]:
         raise NotImplementedError

@@ -36,9 +36,19 @@ criterion compares sorted probabilities instead: ``Σ_{i<k} |sort↓(p_s)_i − 
 Aligners: ``identity`` (rows are the response positions), ``uld`` (positional pairing), ``mined``
 (teacher ids mapped to the student ids through the aligner's vocabulary map, ids without a
 student image dropped and the bucket distribution renormalised, the tail assumed mapped;
-unaligned positions get the one-hot gold target, as online). Projectors other than ``none``
-and the ``cma`` aligner need the teacher's hidden states and head, which this cache does not
-store: they are refused with a config error.
+unaligned positions get the one-hot gold target, as online).
+
+Hidden states (DSKD projectors ``student_space``/``teacher_space``/``dual`` and the ``cma``
+aligner, the components with ``uses_teacher_states``): kd-cache then also stores, per response
+token, ``hidden[D]`` (the teacher's last hidden state, bfloat16 by default or float32), and once
+per cache ``teacher_tables.safetensors`` with the input embeddings ``embed_tokens.weight[V_t, D]``
+and the head ``lm_head.weight[V_t, D]`` (omitted when tied to the embeddings) and bias, in the
+teacher's dtype. A run rebuilds the
+teacher's :class:`~kdcore.kdspace.ModelSide` from them (hidden ``[B, L_t, D]`` with zeros outside
+the response, which no space reads: identity takes response rows, CMA's attention gives them
+weight exp(−1e5) = 0 and its ``norm: response`` std covers response rows only) and runs the
+projector's own spaces, with :class:`CachedTeacher` (head + embeddings) standing in for the
+teacher model in ``prepare``. fp32 storage reproduces the online terms and gradients.
 """
 
 from __future__ import annotations
@@ -68,6 +78,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 IDENTITY_FIELDS = ("path", "gguf_file", "revision", "dtype", "keep_layers", "adapter")
 SUPPORTED_ALIGNERS = ("identity", "mined", "uld")
 SHARD_CACHE = 16  # shards kept in memory at once by a reader (least recently used evicted)
+TABLES = "teacher_tables.safetensors"  # the teacher head and input embeddings (caches with hidden states)
+STATE_ALIGNERS = ("identity", "cma")  # the aligners served with cached hidden states
 
 
 # -- fingerprints ------------------------------------------------------------------------------
@@ -142,6 +154,19 @@ class CacheSettings:
     shard_size: int = 256
     splits: Tuple[str, ...] = ("train",)
     batch_size: int = 8
+    hidden: Optional[bool] = None  # store hidden states + tables; None: when the config's projector/aligner needs them
+    hidden_dtype: str = "bfloat16"
+
+
+def uses_teacher_states(cfg) -> bool:
+    """Whether the config's projector or aligner reads the teacher's hidden states, head or
+    embeddings (their ``uses_teacher_states``), i.e. needs a cache built with them."""
+    specs = [cfg.components.get(kind) for kind in ("projector", "aligner")]
+    return any(getattr(spec.entry.cls, "uses_teacher_states", False) for spec in specs if spec is not None)
+
+
+def stores_hidden(cfg, settings: CacheSettings) -> bool:
+    return uses_teacher_states(cfg) if settings.hidden is None else bool(settings.hidden)
 
 
 def default_temperatures(cfg) -> Tuple[float, ...]:
@@ -165,15 +190,19 @@ def _settings_record(cfg, tokenizer, settings: CacheSettings, split_keys: Dict[s
                        "shards": -(-len(keys) // settings.shard_size)} for s, keys in split_keys.items()},
         "k": settings.k, "temperatures": [float(t) for t in settings.temperatures], "dtype": settings.dtype,
         "shard_size": settings.shard_size, "precision": cfg.train.precision,
+        "hidden": {"dtype": settings.hidden_dtype, "rows": "response", "tables": TABLES}
+        if stores_hidden(cfg, settings) else None,
     }
 
 
-SETTINGS_KEYS = ("teacher", "tokenizer", "splits", "k", "temperatures", "dtype", "shard_size", "precision")
+SETTINGS_KEYS = ("teacher", "tokenizer", "splits", "k", "temperatures", "dtype", "shard_size", "precision", "hidden")
 
 
 def _plan(record: Mapping[str, Any]) -> Dict[str, Any]:
     """The settings that define a build (the counts a finished build adds are left out)."""
     out = {key: record.get(key) for key in SETTINGS_KEYS}
+    if out["hidden"]:  # the sizes a finished build adds are not settings
+        out["hidden"] = {f: out["hidden"].get(f) for f in ("dtype", "rows", "tables")}
     out["splits"] = {s: {f: v.get(f) for f in ("examples", "data_hash", "shards")}
                      for s, v in (record.get("splits") or {}).items()}
     return out
@@ -186,9 +215,10 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
 
 
 def teacher_top_k(model, side: Dict[str, torch.Tensor], k: int, temperatures: Sequence[float], chunk_rows: int,
-                  autocast=None) -> Dict[str, torch.Tensor]:
+                  autocast=None, hidden_dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
     """The cached quantities (module docstring) of every response row of a collated batch,
-    rows in row-major order: ``ids[R, k]``, ``logp[R, k]`` (float32), ``lse[R, n_T]``, ``tail[R, n_T]``."""
+    rows in row-major order: ``ids[R, k]``, ``logp[R, k]`` (float32), ``lse[R, n_T]``, ``tail[R, n_T]``,
+    and with ``hidden_dtype`` the last hidden states ``hidden[R, D]`` in that dtype."""
     from .distill import last_hidden
     from .kdspace import Head
 
@@ -198,6 +228,8 @@ def teacher_top_k(model, side: Dict[str, torch.Tensor], k: int, temperatures: Se
         hidden = last_hidden(model, side)[side["labels"].ne(-100)]
         head = Head.of(model)
         parts: Dict[str, List[torch.Tensor]] = {"ids": [], "logp": [], "lse": [], "tail": []}
+        if hidden_dtype is not None:
+            parts["hidden"] = [hidden.to(hidden_dtype).cpu()]
         for start in range(0, hidden.shape[0], chunk_rows):
             logp1 = torch.log_softmax(head(hidden[start:start + chunk_rows]).float(), dim=-1)
             values, ids = logp1.topk(min(k, logp1.shape[-1]), dim=-1)
@@ -238,6 +270,9 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
         raise ConfigError("kd-cache: the config uses no teacher (objective.kd_weight is 0)")
     if settings.dtype not in DTYPES:
         raise ConfigError(f"kd-cache: dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    if settings.hidden_dtype not in ("bfloat16", "float32"):
+        raise ConfigError("kd-cache: the hidden-state dtype must be bfloat16 or float32, "
+                          f"got {settings.hidden_dtype!r}")
     if settings.k < 1 or settings.shard_size < 1 or settings.batch_size < 1 or not settings.temperatures \
             or any(t <= 0 for t in settings.temperatures):
         raise ConfigError("kd-cache: k, shard size and batch size must be >= 1 and temperatures > 0")
@@ -269,11 +304,15 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
     todo = [job for job in mine if not (out / _shard_name(*job)).is_file()]
     if stop_after is not None:
         todo = todo[:stop_after]
-    if todo:
+    tables_missing = dist.is_main and record["hidden"] and not (out / TABLES).is_file()
+    if todo or tables_missing:
         model = load_model(teacher_cfg).to(dist.device)
         freeze(model)
         if dist.is_main:
             model.config.save_pretrained(out / "teacher_config")
+            if record["hidden"]:
+                _save_tables(model, out / TABLES)
+        hidden_dtype = DTYPES[settings.hidden_dtype] if record["hidden"] else None
         amp, pad = autocast_dtype(cfg.train.precision, dist.device), pad_id(tokenizer)
         vocab = model.get_output_embeddings().weight.shape[0]
         chunk = auto_chunk_rows(vocab)
@@ -287,7 +326,7 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
                 for b in range(0, len(encs), settings.batch_size):
                     batch = encs[b:b + settings.batch_size]
                     parts.append(teacher_top_k(model, collate_side(batch, pad), settings.k, settings.temperatures,
-                                               chunk, amp))
+                                               chunk, amp, hidden_dtype))
                     bar.update(len(batch))
                 rows = [sum(1 for y in e["labels"] if y != -100) for e in encs]
                 tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
@@ -311,9 +350,37 @@ def build_cache(cfg, out, settings: CacheSettings, dist=None, overwrite: bool = 
     return out
 
 
+def _save_tables(model, target: Path) -> None:
+    """The teacher's output head (weight, bias) and input embedding table, once per cache, in
+    the dtype the teacher runs in (the online teacher's own tensors, so heads match bit for bit)."""
+    from safetensors.torch import save_file
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tensors = {"embed_tokens.weight": embed.weight}
+    if head.weight.data_ptr() != embed.weight.data_ptr():  # a tied head is stored once (the reader reuses it)
+        tensors["lm_head.weight"] = head.weight
+    if getattr(head, "bias", None) is not None:
+        tensors["lm_head.bias"] = head.bias
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    tmp = target.with_name(f".tmp-{target.name}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, target)
+
+
 def _finish_manifest(out: Path, record: Dict[str, Any]) -> None:
     """Token counts and sizes per split, ``complete: true``."""
     from safetensors import safe_open
+
+    if record["hidden"]:
+        if not (out / TABLES).is_file():
+            raise DataError(f"kd-cache: {out / TABLES} is missing (rank 0 writes it when it loads the teacher); "
+                            "run kd-cache again")
+        with safe_open(str(out / _shard_name(next(iter(record["splits"])), 0)), framework="pt") as f:
+            size = f.get_slice("hidden").get_shape()[1]
+        with safe_open(str(out / TABLES), framework="pt") as f:
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+        record["hidden"].update(size=size, bytes_per_token=size * DTYPES[record["hidden"]["dtype"]].itemsize,
+                                table_shapes=shapes, table_bytes=(out / TABLES).stat().st_size)
 
     for split, info in record["splits"].items():
         tokens = size = 0
@@ -411,6 +478,24 @@ class CachedTopK(Criterion):
         return (s - t).abs().sum(-1) + (rest_s - tail_t.exp()).abs()
 
 
+def charges_unmapped_mass(criterion) -> bool:
+    """Whether ``criterion.divergence`` values a teacher token of online MinED's finite fill logit
+    (−1e5, softmax probability 0 in float32) differently from a −inf one, which the cache's
+    buckets produce for student tokens without a teacher image. Probe: a uniform student over 4
+    tokens against a teacher with half of its mass on each of the first two (the last two at the
+    fill, or −inf); reverse-KL terms give ~1e5/T vs a finite value, forward terms the same."""
+    from kdcore_plugins.aligners.mined import FILL
+
+    t = float(getattr(criterion, "temperature", 1.0))
+    log_s = torch.full((1, 4), -float(np.log(4.0)))
+    half = -float(np.log(2.0))
+    dropped = torch.tensor([[half, half, float("-inf"), float("-inf")]])
+    filled = torch.log_softmax(torch.tensor([[0.0, 0.0, FILL, FILL]]) / t, -1)
+    with torch.no_grad():
+        a, b = criterion.divergence(log_s, dropped), criterion.divergence(log_s, filled)
+    return not torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 class TeacherCache:
     """A cache directory opened for reading: the manifest, the content-hash index, shard rows."""
 
@@ -427,6 +512,9 @@ class TeacherCache:
         self._index: Optional[Dict[bytes, Tuple[str, int]]] = None
         self._shards: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
         self.t2s: Optional[torch.Tensor] = None  # MinED: teacher id -> student id (or -1)
+        self.hidden = self.manifest.get("hidden")  # what kd-cache stored besides the top-k (None: nothing)
+        self.uses_states = False  # set by check(): the projector/aligner reads hidden states (DSKD, CMA)
+        self._stand_in: Optional[CachedTeacher] = None
 
     # -- index and rows
     @property
@@ -457,13 +545,19 @@ class TeacherCache:
                 self._shards.popitem(last=False)
         return self._shards[name]
 
-    def rows(self, key: bytes, temperature_index: int, k: int) -> torch.Tensor:
-        """One sequence's packed teacher rows ``[n_response, 2k + 1]`` at a cached temperature."""
+    def _locate(self, key: bytes) -> Tuple[Dict[str, torch.Tensor], int, int]:
+        """The shard holding a sequence and its row range ``[lo, hi)`` there."""
         found = self.index.get(key)
         if found is None:
             raise DataError("teacher.cache: a batch sequence is not in the cache (the data changed after the check)")
         shard = self._shard(found[0])
-        lo, hi = int(shard["offsets"][found[1]]), int(shard["offsets"][found[1] + 1])
+        return shard, int(shard["offsets"][found[1]]), int(shard["offsets"][found[1] + 1])
+
+    def rows(self, key: bytes, temperature_index: int, k: int) -> torch.Tensor:
+        """One sequence's packed teacher rows ``[n_response, 2k + 1]`` at a cached temperature."""
+        return self._packed(*self._locate(key), temperature_index, k)
+
+    def _packed(self, shard, lo: int, hi: int, temperature_index: int, k: int) -> torch.Tensor:
         t = self.temperatures[temperature_index]
         logp = shard["logp"][lo:hi].float() / t - shard["lse"][lo:hi, temperature_index, None]
         tail = shard["tail"][lo:hi, temperature_index]
@@ -483,26 +577,9 @@ class TeacherCache:
             problems.append(f"teacher tokenizer: the config's ({type(teacher_tokenizer).__name__}, "
                             f"{len(teacher_tokenizer)} tokens) is not the cache's ({m['tokenizer']['class']}, "
                             f"{m['tokenizer']['size']} tokens)")
-        k = cfg.teacher.cache_k or self.k_stored
-        if k > self.k_stored:
-            problems.append(f"teacher.cache_k: {k} is more than the cache's k = {self.k_stored} (rebuild with kd-cache --k {k})")
-        self.k = min(k, self.k_stored)
-        temperature = float(getattr(criterion, "temperature", 1.0))
-        matches = [i for i, t in enumerate(self.temperatures) if abs(t - temperature) <= 1e-9 * max(1.0, t)]
-        if not matches:
-            problems.append(f"criterion temperature {temperature} is not cached (the cache has "
-                            f"{', '.join(map(str, self.temperatures))}; kd-cache --temperatures ...)")
-        else:
-            self.temperature_index = matches[0]
-        if not (isinstance(criterion, TemperedDivergence)
-                and type(criterion).divergence is not TemperedDivergence.divergence):
-            problems.append(f"criterion '{getattr(criterion, 'name', criterion)}': a cached teacher needs a criterion of the "
-                            "tempered-divergence family (one with divergence(log_p_s, log_p_t))")
-        if projector.name != "none" or aligner.name not in SUPPORTED_ALIGNERS:
-            problems.append(f"projector '{projector.name}' with aligner '{aligner.name}': a top-k teacher cache serves "
-                            f"projector 'none' with aligner {', '.join(map(repr, SUPPORTED_ALIGNERS))}; DSKD projections "
-                            "and CMA need the teacher's hidden states and head, which the cache does not store "
-                            "(run them with the online teacher)")
+        self.uses_states = bool(projector.uses_teacher_states or aligner.uses_teacher_states)
+        problems += (self._check_states(projector, aligner) if self.uses_states
+                     else self._check_top_k(cfg, criterion, projector, aligner))
         if m.get("precision") != cfg.train.precision:
             problems.append(f"train.precision: the cache was computed under {m.get('precision')!r}, config {cfg.train.precision!r}")
         splits = {"train": "train", cfg.eval.split: "eval.split"}
@@ -526,26 +603,108 @@ class TeacherCache:
             t2s[aligner.t_ids.cpu()] = aligner.s_ids.cpu()  # representatives only (max_align_num = 1)
             self.t2s = t2s
 
+    def _check_top_k(self, cfg, criterion, projector, aligner) -> List[str]:
+        """A projector-``none`` run reads the top-k rows: k, temperature, criterion family, aligner."""
+        problems = []
+        k = cfg.teacher.cache_k or self.k_stored
+        if k > self.k_stored:
+            problems.append(f"teacher.cache_k: {k} is more than the cache's k = {self.k_stored} (rebuild with kd-cache --k {k})")
+        self.k = min(k, self.k_stored)
+        temperature = float(getattr(criterion, "temperature", 1.0))
+        matches = [i for i, t in enumerate(self.temperatures) if abs(t - temperature) <= 1e-9 * max(1.0, t)]
+        if not matches:
+            problems.append(f"criterion temperature {temperature} is not cached (the cache has "
+                            f"{', '.join(map(str, self.temperatures))}; kd-cache --temperatures ...)")
+        else:
+            self.temperature_index = matches[0]
+        if not (isinstance(criterion, TemperedDivergence)
+                and type(criterion).divergence is not TemperedDivergence.divergence):
+            problems.append(f"criterion '{getattr(criterion, 'name', criterion)}': a cached teacher needs a criterion of the "
+                            "tempered-divergence family (one with divergence(log_p_s, log_p_t))")
+        elif aligner.name == "mined" and charges_unmapped_mass(criterion):
+            problems.append(f"criterion '{criterion.name}' with aligner 'mined': online MinED gives student tokens "
+                            "without a teacher image (and every non-gold token at unaligned positions) a finite "
+                            "teacher logit of −1e5, which this criterion charges at ~1e5/T per unit of student mass "
+                            "there (reverse-KL terms); the cache drops those columns, so the cached loss would be "
+                            "another objective. Use a criterion that ignores zero-probability teacher tokens (fkl, "
+                            "jsd, skl, srkl, tvd, ce) or the online teacher")
+        if projector.name != "none" or aligner.name not in SUPPORTED_ALIGNERS:
+            problems.append(f"projector '{projector.name}' with aligner '{aligner.name}': a top-k teacher cache serves "
+                            f"projector 'none' with aligner {', '.join(map(repr, SUPPORTED_ALIGNERS))} (and, with "
+                            "hidden states, projectors and aligners that set uses_teacher_states)")
+        return problems
+
+    def _check_states(self, projector, aligner) -> List[str]:
+        """A projector/aligner that reads the teacher's states (DSKD, CMA) needs a cache holding them."""
+        what = f"projector '{projector.name}' with aligner '{aligner.name}'"
+        if not self.hidden:
+            return [f"{what} reads the teacher's hidden states, head and embeddings, and this cache holds only top-k "
+                    "log-probabilities (rebuild it with this config, or kd-cache --hidden)"]
+        problems = []
+        if aligner.name not in STATE_ALIGNERS:
+            problems.append(f"{what}: a cache with hidden states serves aligner {', '.join(map(repr, STATE_ALIGNERS))}")
+        if getattr(aligner, "norm", "response") != "response":
+            # std over padded batch tensors: the prompt and padding rows, which the cache does not hold
+            problems.append(f"aligner.norm '{aligner.norm}': a cache holds the teacher's response rows only, "
+                            "use norm: response (or the online teacher)")
+        return problems
+
+    @property
+    def stand_in(self) -> "CachedTeacher":
+        """The teacher's head and input embeddings from the cache's tables (loaded on first use)."""
+        if self._stand_in is None:
+            from safetensors.torch import load_file
+
+            path = self.root / (self.hidden or {}).get("tables", TABLES)
+            if not path.is_file():
+                raise ConfigError(f"teacher.cache: {path} is missing (an interrupted kd-cache); run kd-cache again")
+            self._stand_in = CachedTeacher(_stored_config(self.root), load_file(str(path)))
+        return self._stand_in
+
+    def teacher_side(self, teacher_batch: Dict[str, torch.Tensor]):
+        """The teacher's :class:`~kdcore.kdspace.ModelSide` of a batch from the cache: hidden states
+        ``[B, L_t, D]`` at the response positions (zeros elsewhere, which no space reads with
+        aligners identity/cma), the stored head (detached, as online) and input embeddings."""
+        from .kdspace import Head, ModelSide
+
+        model = self.stand_in
+        weight = model.lm_head.weight
+        hidden = self._scatter(teacher_batch, int(self.hidden["size"]), weight.dtype,
+                               lambda shard, lo, hi: shard["hidden"][lo:hi])
+        return ModelSide(hidden=hidden.to(weight.device), head=Head.of(model).detached(),
+                         input_ids=teacher_batch["input_ids"], labels=teacher_batch["labels"],
+                         attention_mask=teacher_batch["attention_mask"], embeddings=model.get_input_embeddings())
+
     # -- spaces for a batch
     def packed_positions(self, teacher_batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, L_t, 2k + 1]`` packed teacher rows at the teacher's response positions (zeros elsewhere)."""
+        return self._scatter(teacher_batch, 2 * self.k + 1, torch.float32,
+                             lambda shard, lo, hi: self._packed(shard, lo, hi, self.temperature_index, self.k)
+                             ).to(teacher_batch["input_ids"].device)
+
+    def _scatter(self, teacher_batch, width: int, dtype, read) -> torch.Tensor:
+        """``[B, L_t, width]`` on the CPU: ``read(shard, lo, hi)`` of each sequence at its response positions."""
         ids, labels, att = (teacher_batch[n].cpu() for n in ("input_ids", "labels", "attention_mask"))
-        out = torch.zeros(*ids.shape, 2 * self.k + 1)
+        out = torch.zeros(*ids.shape, width, dtype=dtype)
         for b in range(ids.shape[0]):
             n = int(att[b].sum())
-            rows = self.rows(sequence_key(ids[b, :n].tolist(), labels[b, :n].tolist()), self.temperature_index, self.k)
+            rows = read(*self._locate(sequence_key(ids[b, :n].tolist(), labels[b, :n].tolist())))
             positions = labels[b].ne(-100).nonzero()[:, 0]
             if len(positions) != rows.shape[0]:
                 raise DataError(f"teacher.cache: {rows.shape[0]} cached rows for {len(positions)} response tokens")
-            out[b, positions] = rows
-        return out.to(teacher_batch["input_ids"].device)
+            out[b, positions] = rows.to(dtype)
+        return out
 
-    def spaces(self, student, batch, aligner, criterion):
-        """The KD space of one micro-batch against the cached teacher (projector ``none``)."""
+    def spaces(self, student, batch, aligner, criterion, projector):
+        """The KD spaces of one micro-batch against the cached teacher: the projector's own spaces on
+        the cached states when it (or the aligner) reads them, else one top-k space (projector ``none``)."""
         from .aligner import gather_rows
         from .kdspace import CrossEntropy, ModelSide, Rows, Space
 
         tb = batch["teacher"]
+        if self.uses_states:
+            teacher = self.teacher_side(tb)
+            return projector.spaces(student, teacher, aligner.align(student, teacher, batch.get("align")), criterion)
         teacher = ModelSide(hidden=None, head=None, input_ids=tb["input_ids"], labels=tb["labels"],
                             attention_mask=tb["attention_mask"])
         alignment = aligner.align(student, teacher, batch.get("align"))
@@ -581,6 +740,29 @@ class TeacherCache:
         return torch.cat([ids.float(), log_t, tail[:, None]], -1)
 
 
+class CachedTeacher(torch.nn.Module):
+    """A stand-in for the teacher built from a cache's tables: its output head and input embeddings
+    (no decoder layers), with its HF config, so ``Head.of``, ``get_input_embeddings()`` and the
+    projectors' and aligners' ``prepare`` (e.g. DSKD's pinv init from the teacher head) see the
+    teacher's own tensors. Frozen."""
+
+    def __init__(self, config, tables: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.config = config
+        weight, bias = tables.get("lm_head.weight", tables["embed_tokens.weight"]), tables.get("lm_head.bias")
+        self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+        self.embed_tokens = torch.nn.Embedding.from_pretrained(tables["embed_tokens.weight"], freeze=True)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+
 def open_checked(cfg, parts_by_kind: Mapping[str, Any], teacher_tokenizer) -> TeacherCache:
     """The run's cache, checked against the config (one ConfigError naming every difference)."""
     cache = TeacherCache(cfg.teacher.cache)
@@ -591,10 +773,14 @@ def open_checked(cfg, parts_by_kind: Mapping[str, Any], teacher_tokenizer) -> Te
 
 def cached_model_config(model_cfg):
     """The teacher's HF config as the cache stored it (no teacher directory needed)."""
+    return _stored_config(model_cfg.cache)
+
+
+def _stored_config(directory):
     from transformers import AutoConfig
 
-    read_manifest(model_cfg.cache)
-    path = Path(model_cfg.cache) / "teacher_config"
+    read_manifest(directory)
+    path = Path(directory) / "teacher_config"
     if not path.is_dir():
         raise ConfigError(f"teacher.cache: {path} is missing (an interrupted kd-cache); run kd-cache again")
     return AutoConfig.from_pretrained(str(path))

@@ -44,25 +44,33 @@ def first_batch(parts, cfg):
     return data.micro_batches(0)[0]
 
 
-def loss_and_grads(config, *overrides):
-    """Terms and student gradients of one micro-batch (fused path, as the trainer runs it)."""
+def loss_and_grads(config, *overrides, like=None):
+    """Terms and student gradients of one micro-batch (fused path, as the trainer runs it).
+    ``like``: a list holding a DistillModule whose projector and aligner parameters are copied
+    (so two runs start from the same projections); the module built here is appended."""
     cfg = load_config(config, list(overrides))
     parts = build_components(cfg)
     module = DistillModule.for_run(parts, cfg.objective, torch.device("cpu"))
+    if like:
+        module.projector.load_state_dict(like[0].projector.state_dict())
+        module.aligner.load_state_dict(like[0].aligner.state_dict())
+    if like is not None:
+        like.append(module)
     out = module(first_batch(parts, cfg))
     out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+    # the student's, and the projections' and a trainable aligner's (DSKD, CMA)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     return out.terms, grads
 
 
-def assert_same(online, cached, rtol=2e-5, atol=2e-6):
+def assert_same(online, cached, rtol=2e-5, atol=2e-6, grad_rtol=1e-4, grad_atol=1e-6):
     (t_on, g_on), (t_ca, g_ca) = online, cached
     assert set(t_on) == set(t_ca)
     for name in t_on:
         torch.testing.assert_close(t_ca[name], t_on[name], rtol=rtol, atol=atol, msg=name)
     assert set(g_on) == set(g_ca) and g_on
     for name in g_on:
-        torch.testing.assert_close(g_ca[name], g_on[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g_ca[name], g_on[name], rtol=grad_rtol, atol=grad_atol, msg=name)
 
 
 @pytest.fixture
@@ -77,6 +85,7 @@ def test_round_trip_matches_the_teacher(same_config, tmp_path, tiny_dir):
     out = build(same_config, tmp_path / "c", k=8, temperatures=(1.0, 2.0), dtype="float32")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and manifest["k"] == 8 and manifest["temperatures"] == [1.0, 2.0]
+    assert manifest["hidden"] is None and not (out / "teacher_tables.safetensors").exists()  # projector none
     assert manifest["splits"]["train"]["examples"] == 24 and manifest["splits"]["train"]["shards"] == 2
     assert (out / "tokenizer").is_dir() and (out / "teacher_config" / "config.json").is_file()
     cfg = load_config(same_config)
@@ -136,15 +145,15 @@ def test_top_k_kl_is_a_lower_bound_that_grows_with_k(same_config, tmp_path):
 
 @pytest.fixture
 def cross_config(tiny_pair, tmp_path):
-    def make(aligner, criterion="fkl", temperature=2.0):
+    def make(aligner, criterion="fkl", temperature=2.0, projector="none"):
         cfg = {"schema_version": 1, "run": {"output_dir": str(tmp_path / "run"), "seed": 3},
                "teacher": {"path": str(tiny_pair["teacher"])}, "student": {"path": str(tiny_pair["student"])},
                "task": {"name": "instruction", "data_dir": str(DATA_DIR), "max_length": 96, "max_prompt_length": 64,
                         "max_examples": 16},
-               "criterion": {"name": criterion, "temperature": temperature}, "projector": "none", "aligner": aligner,
+               "criterion": {"name": criterion, "temperature": temperature}, "projector": projector, "aligner": aligner,
                "objective": {"kd_weight": 0.5},
                "train": {"max_steps": 2, "micro_batch_size": 4, "eval_at_start": False}, "eval": {"max_examples": 8}}
-        path = tmp_path / f"{aligner}-{criterion}.yaml"
+        path = tmp_path / f"{aligner}-{projector}-{criterion}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
     return make
@@ -152,6 +161,7 @@ def cross_config(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize("aligner,criterion,temperature", [("mined", "fkl", 2.0), ("mined", "jsd", 1.0),
                                                            ("mined", "srkl", 2.0), ("mined", "tvd", 1.0),
+                                                           ("mined", "skl", 2.0), ("mined", "ce", 1.0),
                                                            ("uld", "uld", 1.0), ("uld", "uld", 2.0)])
 def test_full_k_equals_online_cross_tokenizer(aligner, criterion, temperature, cross_config, tmp_path):
     config = cross_config(aligner, criterion, temperature)
@@ -176,7 +186,7 @@ def small_cache(same_config, tmp_path):
     (["criterion.temperature=4.0"], r"criterion temperature 4.0 is not cached \(the cache has 2.0"),
     (["eval.split=test"], r"eval.split 'test': not in the cache"),
     (["train.precision=bf16"], r"train.precision"),
-    (["projector=dual", "aligner=cma"], r"projector 'dual' with aligner 'cma': .*projector 'none'"),
+    (["projector=dual", "aligner=cma"], r"projector 'dual' with aligner 'cma' reads the teacher's hidden states"),
 ])
 def test_mismatch_is_one_clear_error(same_config, small_cache, overrides, message):
     cfg = load_config(same_config, [f"teacher.cache={small_cache}", *overrides])
@@ -218,6 +228,24 @@ def test_cache_alone_needs_no_teacher_directory(teacherless):
     assert cfg.teacher.path == str(copy) and cfg.teacher.tokenizer == str(cache / "tokenizer")
     parts = build_components(cfg)
     assert parts.teacher_model is None and parts.teacher_cache is not None
+
+
+def test_dskd_cache_alone_needs_no_teacher_directory(same_config, tmp_path, tiny_dir):
+    """DSKD dual from a cache whose teacher directory is gone: hidden states, head and embeddings
+    all come from the cache; one training step runs."""
+    import shutil
+
+    copy = tmp_path / "teacher_copy"
+    shutil.copytree(tiny_dir / "teacher", copy)
+    cache = build(same_config, tmp_path / "c-copy", f"teacher.path={copy}", "projector=dual")
+    shutil.rmtree(copy)
+    raw = yaml.safe_load(same_config.read_text())
+    raw.update(teacher={"cache": str(cache)}, projector="dual")
+    path = tmp_path / "dual-cache-only.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    terms, grads = loss_and_grads(path)
+    assert {"ce", "kd_student", "kd_teacher", "t2s_ce"} <= set(terms) and all(torch.isfinite(v) for v in terms.values())
+    assert any(name.startswith("projector.s2t") for name in grads)
 
 
 def test_cli_errors(same_config, small_cache, tmp_path, capsys):
@@ -270,6 +298,21 @@ def test_interrupted_build_resumes(same_config, tmp_path, monkeypatch):
     assert kd_cache(["--config", str(same_config), "--out", str(out), "--k", "16", "--overwrite", "--dtype", "float32",
                      "--shard-size", "16"]) == 0
     assert TeacherCache(out).k_stored == 16
+
+
+def test_interrupted_hidden_build_resumes(same_config, tmp_path):
+    """Resuming a cache with hidden states: the remaining shards and the tables (written once,
+    rebuilt if they were lost) end up identical to an uninterrupted build."""
+    out = build(same_config, tmp_path / "cut", "projector=dual", stop_after=1)
+    assert (out / "teacher_tables.safetensors").is_file()
+    (out / "teacher_tables.safetensors").unlink()
+    build(same_config, out, "projector=dual")
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    fresh = build(same_config, tmp_path / "fresh", "projector=dual")
+    for name in [p.name for p in sorted(fresh.glob("*.safetensors"))]:
+        a, b = load_file(str(fresh / name)), load_file(str(out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), name
+    assert "hidden" in load_file(str(out / "valid-00000.safetensors"))
 
 
 def free_port() -> int:
@@ -326,3 +369,114 @@ def test_grid_over_a_cached_teacher(teacherless, tmp_path, capsys):
         assert all("time/teacher_forward" not in r for r in records)
         kd[run.name] = evals[-1]["kd_student"]
     assert len(set(kd.values())) == 4  # each criterion and k gives its own KD term
+
+
+# ---------------------------------------------------------------------------------------------
+# DSKD / CMA through cached hidden states
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("projector", ["student_space", "teacher_space", "dual"])
+def test_hidden_states_equal_online_dskd(projector, same_config, tmp_path):
+    """Identity aligner, same tokenizer: the projector's spaces on the stored fp32 hidden states and
+    the stored head equal the online teacher's (values and student gradients)."""
+    proj = f"projector={projector}"
+    out = build(same_config, tmp_path / "c", proj, hidden_dtype="float32")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["hidden"]["size"] == 48 and manifest["hidden"]["dtype"] == "float32"
+    assert manifest["hidden"]["table_shapes"] == {"embed_tokens.weight": [512, 48]}  # the tiny teacher's head is tied
+    modules = []
+    online = loss_and_grads(same_config, proj, like=modules)
+    cached = loss_and_grads(same_config, proj, f"teacher.cache={out}", like=modules)
+    assert_same(online, cached, rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
+
+
+@pytest.mark.parametrize("projector", ["dual", "student_space"])
+def test_hidden_states_equal_online_cma(projector, cross_config, tmp_path):
+    """CMA (different tokenizers): the attention over the stored teacher rows, the stored embedding
+    table (pair keys, next-token values) and the stored head give the online terms and gradients."""
+    config = cross_config("cma", "fkl", 2.0, projector=projector)
+    out = build(config, tmp_path / "c", hidden_dtype="float32")  # stored because the config needs them
+    modules = []
+    online = loss_and_grads(config, like=modules)
+    cached = loss_and_grads(config, f"teacher.cache={out}", like=modules)
+    assert any(name.startswith("aligner.") for name in online[1])  # the CMA query is trained through the cache
+    assert_same(online, cached, rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
+
+
+def test_bfloat16_hidden_states_are_close(cross_config, tmp_path):
+    """The default storage, bfloat16 (8 mantissa bits): terms within bf16 rounding of the online ones."""
+    config = cross_config("cma", "fkl", 2.0, projector="dual")
+    out = build(config, tmp_path / "c")
+    assert load_file(str(out / "train-00000.safetensors"))["hidden"].dtype == torch.bfloat16
+    hidden = json.loads((out / "manifest.json").read_text())["hidden"]
+    assert hidden["bytes_per_token"] == 2 * hidden["size"] == 2 * 64  # the tiny pair teacher: D = 64
+    modules = []
+    online = loss_and_grads(config, like=modules)
+    cached = loss_and_grads(config, f"teacher.cache={out}", like=modules)
+    assert_same(online, cached, rtol=2e-2, atol=1e-3, grad_rtol=5e-2, grad_atol=1e-3)
+    assert any(not torch.equal(online[0][n], cached[0][n]) for n in online[0])  # it is rounded, not exact
+
+
+def test_hidden_states_missing_or_unusable_is_one_clear_error(same_config, small_cache, tmp_path, cross_config):
+    cfg = load_config(same_config, [f"teacher.cache={small_cache}", "projector=teacher_space"])
+    with pytest.raises(ConfigError, match=r"projector 'teacher_space' with aligner 'identity' reads the teacher's hidden "
+                                          r"states.*holds only top-k.*kd-cache --hidden"):
+        build_components(cfg, load_weights=False)
+    config = cross_config("cma", projector="dual")
+    out = build(config, tmp_path / "h", hidden=True)
+    cfg = load_config(config, [f"teacher.cache={out}", "aligner.norm=padded"])
+    with pytest.raises(ConfigError, match=r"aligner.norm 'padded': a cache holds the teacher's response rows only"):
+        build_components(cfg, load_weights=False)
+    # a build with other hidden-state settings is refused, not mixed into the old shards
+    with pytest.raises(ConfigError, match=r"other settings \(hidden: cache has .*bfloat16.*now .*float32"):
+        build(config, out, hidden=True, hidden_dtype="float32")
+    # the tables are needed at run time
+    (out / "teacher_tables.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"teacher_tables.safetensors is missing"):
+        loss_and_grads(config, f"teacher.cache={out}")
+
+
+@pytest.mark.parametrize("criterion", ["rkl", "akl"])
+def test_mined_reverse_kl_is_refused(criterion, cross_config, tmp_path):
+    """Online MinED's finite −1e5 fill logit makes reverse-KL terms charge ~1e5/T per unit of student
+    mass on tokens without a teacher image; the cache cannot reproduce that, so it refuses."""
+    from kdcore.teacher_cache import charges_unmapped_mass
+    from kdcore import build as build_component
+
+    config = cross_config("mined", criterion, 2.0)
+    out = build(config, tmp_path / "c", k=8, temperatures=(2.0,))
+    with pytest.raises(ConfigError, match=rf"criterion '{criterion}' with aligner 'mined': online MinED .* −1e5"):
+        build_components(load_config(config, [f"teacher.cache={out}"]), load_weights=False)
+    assert not any(charges_unmapped_mass(build_component("criterion", {"name": name, "temperature": 2.0}))
+                   for name in ("fkl", "jsd", "skl", "srkl", "tvd", "ce"))
+
+
+def test_one_hidden_cache_serves_projector_none_and_dskd(same_config, tmp_path, capsys):
+    """``kd-cache --hidden`` on a projector-none config: the same cache serves the top-k path and
+    DSKD with ``init: pinv`` (prepare reads the cached teacher head, so the projections start equal
+    without copying them)."""
+    out = tmp_path / "c"
+    assert kd_cache(["--config", str(same_config), "--out", str(out), "--k", "600", "--temperatures", "2.0", "--dtype", "float32",
+                     "--hidden", "--hidden-dtype", "float32", "--shard-size", "16", "--batch-size", "4"]) == 0
+    assert "hidden states float32" in capsys.readouterr().out
+    assert_same(loss_and_grads(same_config), loss_and_grads(same_config, f"teacher.cache={out}"))
+    dual = "projector={name: dual, init: pinv}"
+    assert_same(loss_and_grads(same_config, dual), loss_and_grads(same_config, dual, f"teacher.cache={out}"),
+                rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)
+
+
+def test_untied_teacher_head_is_stored(make_config, tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from kdcore.tiny import tiny_causal_lm
+
+    tiny_causal_lm(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")), tmp_path / "untied", hidden=48,
+                   layers=2, seed=5, tie=False)
+    config = make_config({"task": {"max_examples": 24}, "teacher": {"path": str(tmp_path / "untied")},
+                          "projector": "teacher_space"}, name="untied.yaml")
+    out = build(config, tmp_path / "c", hidden_dtype="float32")
+    shapes = json.loads((out / "manifest.json").read_text())["hidden"]["table_shapes"]
+    assert shapes == {"embed_tokens.weight": [512, 48], "lm_head.weight": [512, 48]}
+    modules = []
+    online = loss_and_grads(config, like=modules)
+    cached = loss_and_grads(config, f"teacher.cache={out}", like=modules)
+    assert_same(online, cached, rtol=1e-6, atol=1e-6, grad_rtol=1e-6, grad_atol=1e-6)

@@ -90,6 +90,7 @@ class CMAAlignment(Alignment):
 
 class CrossModelAttention(Aligner):
     name = "cma"
+    uses_teacher_states = True
     projectors = frozenset({"student_space", "teacher_space", "dual"})
 
     def __init__(self, student_hidden_size: int, teacher_hidden_size: int, mask_kd_by_teacher_accuracy: bool = True,

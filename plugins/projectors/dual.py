@@ -19,6 +19,7 @@ from kdcore_plugins.projectors.teacher_space import TeacherSpace
 
 class Dual(Projector):
     name = "dual"
+    uses_teacher_states = True
 
     def __init__(self, student_hidden_size: int, teacher_hidden_size: int, criterion=None,
                  teacher_criterion: Optional[Union[str, Dict[str, Any]]] = None,

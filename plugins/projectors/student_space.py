@@ -58,6 +58,7 @@ def student_space(projector: nn.Linear, student: ModelSide, teacher: ModelSide, 
 
 class StudentSpace(Projector):
     name = "student_space"
+    uses_teacher_states = True
 
     def __init__(self, student_hidden_size: int, teacher_hidden_size: int, init: Literal["default", "pinv"] = "default",
                  student_tokenizer=None, teacher_tokenizer=None):

@@ -45,6 +45,7 @@ def build_teacher_criterion(node, default):
 
 class TeacherSpace(Projector):
     name = "teacher_space"
+    uses_teacher_states = True
 
     def __init__(self, student_hidden_size: int, teacher_hidden_size: int, criterion=None,
                  teacher_criterion: Optional[Union[str, Dict[str, Any]]] = None,
