@@ -6,8 +6,9 @@ Every term is a *sum* over response tokens; the trainer divides by the token cou
 whole global batch. A micro-batch may restrict which terms it contributes with an optional part
 ``batch["terms"] = {"ce": bool, "kd": bool}`` (both true when absent): Joint-Teaching's gold
 micro-batches give CE only and its pseudo-target micro-batches KD only, so one step's loss is
-``[(1 − α)·Σ_gold CE + α·Σ_PT KD] / N_global`` with the same α. The student, the projector and the aligner are one ``nn.Module`` (the
-unit DDP wraps and checkpoints save); the teacher is held outside it (frozen, never wrapped).
+``[(1 − α)·Σ_gold CE + α·Σ_PT KD] / N_global`` with the same α. The student, the projector and
+the aligner are one ``nn.Module`` (the unit DDP wraps and checkpoints save); the teacher is held
+outside it (frozen, never wrapped).
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ class Targets:
     the given micro-batches and ``run.data.collate_examples(examples)`` encodes examples exactly
     as the loader does (both tokenizers, the aligner's pair features). A returned micro-batch
     may carry a ``"terms": {"ce": bool, "kd": bool}`` part to contribute only some loss terms
-    (:mod:`kdcore.distill`), and there may be more micro-batches than were given. Like every component, a targets plugin reports step metrics (e.g.
-    generation seconds) through the lifecycle hooks: a ``@kdcore.hookimpl`` method
-    ``kdcore_after_step(self, run, step, metrics)`` returning ``{name: float}``.
+    (:mod:`kdcore.distill`), and there may be more micro-batches than were given. Like every
+    component, a targets plugin reports step metrics (e.g. generation seconds) through the
+    lifecycle hooks: a ``@kdcore.hookimpl`` method ``kdcore_after_step(self, run, step, metrics)`` returning ``{name: float}``.
     """
 
     name: ClassVar[str]
